@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the ``cerberus`` CLI as a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "cerberus_histo", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit code 2, one line on stderr starting with 'error:', naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
