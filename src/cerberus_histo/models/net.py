@@ -1,0 +1,117 @@
+"""The Cerberus multi-task network: one shared encoder, one decoder per dense head, a patch-class head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .decoders import ClassHead, DenseDecoder
+from .encoders import build_encoder
+
+
+class Cerberus(nn.Module):
+    """Multi-task network built from a :class:`~cerberus_histo.config.ModelConfig`.
+
+    ``forward(images)`` takes ``N x 3 x H x W`` RGB pixels (uint8, or float in 0-255) and returns a dict
+    of logits by head name: ``N x C x H x W`` for ``inst``/``type`` heads and ``N x C`` for ``class`` heads.
+    Normalisation (``config.norm``) happens inside, so saved weights carry their own input convention.
+
+    Module layout: ``encoder`` (torchvision names for ResNets), ``bottleneck`` (1x1 conv, deepest feature to
+    the next level's width; the original's ``conv_map``; only built with dense heads) and ``heads[head_name]`` (a :class:`DenseDecoder` or
+    :class:`ClassHead`). Only the configured tasks' heads are built.
+
+    Example:
+        >>> model = Cerberus(ModelConfig.preset("original"))
+        >>> logits = model(torch.zeros(1, 3, 448, 448))      # {"gland-inst": 1x3x448x448, ...}
+        >>> model.save("my_model"); same = Cerberus.load("my_model")
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        #: where the weights came from (an imported original release, a training run); saved in model.yaml
+        self.provenance: dict = {}
+        self.encoder = build_encoder(config.encoder, config.stem_stride)
+        f = self.encoder.channels
+        dense = any(k != "class" for t in config.tasks for k in t.kinds)
+        self.bottleneck = nn.Conv2d(f[4], f[3], 1, bias=False) if dense else None
+        self.heads = nn.ModuleDict()
+        for task in config.tasks:
+            for kind, name in zip(task.kinds, task.head_names, strict=True):
+                n_out = task.num_outputs(kind)
+                if kind == "class":
+                    self.heads[name] = ClassHead(f[4], n_out, config.class_hidden, config.class_dropout,
+                                                 config.class_pool_cells)
+                else:
+                    self.heads[name] = DenseDecoder(f, n_out, config.head_channels)
+        norm = config.norm
+        self.register_buffer("_mean", torch.tensor(norm.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(norm.std).view(1, 3, 1, 1), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal (fan_out, ReLU) conv weights, BatchNorm weight 1 and bias 0, as the original."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(self.heads.keys())
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected N x 3 x H x W RGB images, got shape {tuple(images.shape)}")
+        x = images.float() if not torch.is_floating_point(images) else images
+        x = x / self.config.norm.divisor
+        if not self.config.norm.is_plain_scale:
+            x = (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
+        return x
+
+    def forward(self, images: torch.Tensor, heads: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Logits by head name; ``heads`` limits the computation to some heads (default: all)."""
+        names = self.head_names if heads is None else tuple(heads)
+        unknown = [h for h in names if h not in self.heads]
+        if unknown:
+            raise ConfigError(f"no head(s) {unknown} in this model; heads: {', '.join(self.head_names)}")
+        x = self.normalise(images)
+        feats = self.encoder(x)
+        bottom = None
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            head = self.heads[name]
+            if isinstance(head, ClassHead):
+                out[name] = head(feats[4])
+            else:
+                if bottom is None:
+                    bottom = self.bottleneck(feats[4])
+                out[name] = head(feats[:4], bottom, x.shape[-2:])
+        return out
+
+    # ---- checkpoints (implemented in .checkpoint) ------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``model.yaml`` (the config) and ``weights.pt`` (the state dict) into ``folder``."""
+        from .checkpoint import save_model
+
+        return save_model(self, folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> Cerberus:
+        """Rebuild a model from a folder written by :meth:`save`, or from an original Cerberus model
+        folder (``settings.yml`` + ``weights.tar``), which is converted on the fly. Returned in eval mode."""
+        from .checkpoint import load_model
+
+        return load_model(folder, map_location)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
