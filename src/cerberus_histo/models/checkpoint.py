@@ -1,0 +1,319 @@
+"""Model folders: save, load, import the original Cerberus release, load ImageNet encoder weights.
+
+A Cerberus model folder holds ``model.yaml`` (the :class:`ModelConfig` plus provenance) and ``weights.pt``
+(a plain state dict). Weight files are only ever read with ``torch.load(..., weights_only=True)``: a file
+carrying arbitrary Python objects is refused, never unpickled.
+
+An original Cerberus model folder (TissueImageAnalytics/cerberus) holds ``settings.yml`` and
+``weights.tar``, a dict whose key ``desc`` is the state dict (keys may start with ``module.``). Its modules
+map one to one onto ours (see :func:`map_original_key`); only the unused ImageNet classifier
+``backbone.fc.*`` is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from .. import __version__
+from ..config import ModelConfig
+from ..errors import CerberusError
+from ..tasks import TaskSpec, get_task
+from .encoders import ENCODERS, imagenet_state_dict
+from .net import Cerberus
+
+CONFIG_FILE = "model.yaml"
+WEIGHTS_FILE = "weights.pt"
+FORMAT = "cerberus-histo model"
+FORMAT_VERSION = 1
+
+ORIGINAL_SETTINGS = "settings.yml"
+ORIGINAL_WEIGHTS = "weights.tar"
+#: original decoder name -> (task, head kind, original output-head name)
+ORIGINAL_DECODERS = {
+    "Gland": ("gland", "inst", "INST"),
+    "Gland#TYPE": ("gland", "type", "TYPE"),
+    "Lumen": ("lumen", "inst", "INST"),
+    "Nuclei": ("nuclei", "inst", "INST"),
+    "Nuclei#TYPE": ("nuclei", "type", "TYPE"),
+    "Patch-Class": ("tissue", "class", "OUT"),
+}
+ORIGINAL_ENCODERS = ("resnet18", "resnet34", "resnet50")
+
+
+# ---- reading weight files safely ---------------------------------------------------------------------
+
+
+def read_weights(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` with one-line errors for missing, empty, corrupt or unsafe files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CerberusError(f"{path}: weights file not found")
+    if path.stat().st_size == 0:
+        raise CerberusError(f"{path} is empty (0 bytes); copy or re-save the weights file")
+    corrupt = f"{path} is truncated, corrupt or not a PyTorch weights file"
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols while failing; the error says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "Unsupported class" in str(exc):
+            raise CerberusError(
+                f"{path} holds Python objects other than tensors and was not unpickled (weights_only=True); "
+                "re-save only the state dict with torch.save(model.state_dict(), path)"
+            ) from None
+        raise CerberusError(f"{corrupt}; re-copy it or re-save it with torch.save") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        raise CerberusError(f"{corrupt} ({_first_line(exc)}); re-copy it or re-save it with torch.save") from None
+    if not isinstance(obj, dict):
+        raise CerberusError(f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def _tensor_dict(obj: dict, path: Path) -> dict[str, torch.Tensor]:
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CerberusError(f"{path} is not a state dict: entry {bad[0]!r} is not a named tensor")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """Load ``state`` into ``module`` with no missing, unexpected or mis-shaped key, else one clear error."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {items[0]})")
+        raise CerberusError(f"{source} does not fit {what}: {'; '.join(parts)}; is it a checkpoint of another model?")
+    module.load_state_dict(state, strict=True)
+
+
+# ---- our model folders ------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_model(model: Cerberus, folder: str | Path) -> Path:
+    """Write ``model.yaml`` and ``weights.pt`` into ``folder`` (created if needed), each atomically."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CerberusError(f"{folder} exists and is not a folder; choose another output path")
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "software": {"cerberus_histo": __version__, "torch": torch.__version__.split("+")[0]},
+        "model": model.config.to_dict(),
+    }
+    if model.provenance:
+        meta["provenance"] = model.provenance
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(folder / WEIGHTS_FILE, lambda p: torch.save(state, p))
+    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(yaml.safe_dump(meta, sort_keys=False)))
+    return folder
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CerberusError(f"{path} is not valid YAML ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CerberusError(f"{path} must hold a YAML mapping")
+    return data
+
+
+def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> Cerberus:
+    """Rebuild a model from a Cerberus model folder or an original Cerberus model folder; eval mode."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CerberusError(f"{folder}: model folder not found")
+    if (folder / CONFIG_FILE).is_file():
+        meta = _read_yaml(folder / CONFIG_FILE)
+        if meta.get("format") != FORMAT or "model" not in meta:
+            raise CerberusError(f"{folder / CONFIG_FILE} is not a Cerberus model description (no 'format: {FORMAT}')")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise CerberusError(f"{folder} was written by a newer cerberus-histo; upgrade the package to load it")
+        config = ModelConfig.from_dict(meta["model"])
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CerberusError(f"{weights} is missing: a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        model = Cerberus(config)
+        state = _tensor_dict(read_weights(weights), weights)
+        load_state_strict(model, state, str(weights), f"the model described in {CONFIG_FILE}")
+        model.provenance = dict(meta.get("provenance") or {})
+    elif (folder / ORIGINAL_SETTINGS).is_file() or (folder / ORIGINAL_WEIGHTS).is_file():
+        model = import_original(folder)
+    else:
+        raise CerberusError(
+            f"{folder} holds no model: expected {CONFIG_FILE} + {WEIGHTS_FILE} (a Cerberus model) "
+            f"or {ORIGINAL_SETTINGS} + {ORIGINAL_WEIGHTS} (an original Cerberus release)"
+        )
+    return model.to(map_location).eval()
+
+
+def load_encoder_weights(model: Cerberus, path: str | Path) -> None:
+    """Load a torchvision-format ImageNet state dict (``conv1.weight``, ``layer1.0.conv1.weight`` ...) into
+    the encoder. The classifier ``fc.*`` is ignored; any other mismatch is an error."""
+    path = Path(path)
+    if not ENCODERS[model.config.encoder].imagenet_keys:
+        raise CerberusError(f"encoder {model.config.encoder!r} has no ImageNet weights; use resnet18/34/50")
+    obj = read_weights(path)
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    state = imagenet_state_dict(_tensor_dict(obj, path))
+    load_state_strict(model.encoder, state, str(path), f"the {model.config.encoder} encoder")
+
+
+# ---- the original Cerberus release ------------------------------------------------------------------
+
+_DEC = re.compile(r"^decoder_head\.(?P<dec>[^.]+)\.(?P<lvl>\d+)\.block\.(?P<layer>\d+)\.(?P<rest>.+)$")
+_OUT_BLOCK = re.compile(r"^output_head\.(?P<dec>[^.]+)\.(?P<out>[^.]+)\.x\.0\.block\.0\.(?P<rest>.+)$")
+_OUT_CONV = re.compile(r"^output_head\.(?P<dec>[^.]+)\.(?P<out>[^.]+)\.x\.1\.conv\.(?P<rest>.+)$")
+
+
+def map_original_key(key: str) -> str | None:
+    """Our state-dict key for a key of the original ``NetDesc`` (``module.`` already stripped).
+
+    Returns ``None`` for the unused ImageNet classifier ``backbone.fc.*`` and the key unchanged (so that
+    it shows up as unexpected) for anything unknown.
+    """
+    if key.startswith("backbone.fc."):
+        return None
+    if key.startswith("backbone."):
+        return "encoder." + key[len("backbone."):]
+    if key == "conv_map.weight":
+        return "bottleneck.weight"
+    if key.startswith("decoder_head.Patch-Class."):
+        return "heads.tissue-class." + key[len("decoder_head.Patch-Class."):]
+    for pattern, fmt in ((_DEC, "heads.{h}.blocks.{lvl}.{layer}.{rest}"), (_OUT_BLOCK, "heads.{h}.out.0.{rest}"),
+                         (_OUT_CONV, "heads.{h}.out.1.{rest}")):
+        m = pattern.match(key)
+        if m and m["dec"] in ORIGINAL_DECODERS:
+            task, kind, out_name = ORIGINAL_DECODERS[m["dec"]]
+            if "out" in m.groupdict() and m["out"] != out_name:
+                return key
+            return fmt.format(h=f"{task}-{kind}", **{k: v for k, v in m.groupdict().items() if k not in ("dec", "out")})
+    return key
+
+
+def config_from_original_settings(settings: dict, source: str = ORIGINAL_SETTINGS) -> ModelConfig:
+    """Translate an original ``settings.yml`` into a :class:`ModelConfig` (errors name the bad key)."""
+    mk = settings.get("model_kwargs")
+    if not isinstance(mk, dict):
+        raise CerberusError(f"{source}: no 'model_kwargs' mapping; is this an original Cerberus settings.yml?")
+    encoder = mk.get("encoder_backbone_name")
+    if encoder not in ORIGINAL_ENCODERS:
+        raise CerberusError(
+            f"{source}: model_kwargs.encoder_backbone_name {encoder!r} is not supported; "
+            f"supported: {', '.join(ORIGINAL_ENCODERS)} (the densenet, mobilenet, unet and dsf encoders are not ported)"
+        )
+    tasks_listed = mk.get("considered_tasks")
+    decoders = mk.get("decoder_kwargs") or {}
+    if not tasks_listed:
+        raise CerberusError(
+            f"{source}: model_kwargs.considered_tasks is missing (original training runs did not write it); "
+            f"add the decoder names, e.g. [{', '.join(ORIGINAL_DECODERS)}]"
+        )
+    heads: dict[str, dict[str, int]] = {}
+    for dec in tasks_listed:
+        if dec not in ORIGINAL_DECODERS:
+            raise CerberusError(f"{source}: unknown decoder {dec!r} in considered_tasks; known: {', '.join(ORIGINAL_DECODERS)}")
+        task, kind, out_name = ORIGINAL_DECODERS[dec]
+        outs = decoders.get(dec, {out_name: None})
+        if not isinstance(outs, dict) or set(outs) != {out_name}:
+            raise CerberusError(f"{source}: decoder_kwargs.{dec} must be {{{out_name}: channels}}, got {outs!r}")
+        heads.setdefault(task, {})[kind] = outs[out_name]
+    names = settings.get("type_names") or {}
+    codes = (settings.get("dataset_kwargs") or {}).get("req_target_code") or {}
+    specs = []
+    for task_name in ("gland", "lumen", "nuclei", "tissue"):
+        if task_name not in heads:
+            continue
+        spec = get_task(task_name)
+        class_names = tuple(names.get(task_name) or spec.class_names)
+        if class_names != spec.class_names:
+            spec = _renamed(spec, class_names)
+        for kind, channels in heads[task_name].items():
+            if channels is not None and kind != "inst" and channels != len(class_names):
+                raise CerberusError(
+                    f"{source}: the {task_name} {kind} head has {channels} outputs but type_names.{task_name} "
+                    f"lists {len(class_names)} classes"
+                )
+        code = codes.get(f"{task_name.capitalize()}-INST", "")
+        m = re.fullmatch(r"IP-ERODED-CONTOUR-(\d+)", str(code))
+        kernel = int(m.group(1)) if m else spec.inst_kernel
+        kept = tuple(h for h in spec.heads if h.kind in heads[task_name])
+        specs.append(dataclasses.replace(spec, heads=kept, inst_kernel=kernel))
+    dk = settings.get("dataset_kwargs") or {}
+    return ModelConfig(tasks=tuple(specs), encoder=encoder, stem_stride=1,
+                       patch_shape=int(dk.get("input_shape", 448)), class_patch_shape=int(dk.get("class_input_shape", 144)))
+
+
+def _renamed(spec: TaskSpec, class_names: tuple[str, ...]) -> TaskSpec:
+    """A built-in task with other class names: colours from a fixed palette, class weights reset to 1."""
+    palette = [(0, 0, 0)] + [tuple(int(v) for v in ((i * 97) % 256, (i * 57 + 80) % 256, (i * 151 + 40) % 256))
+                             for i in range(1, len(class_names))]
+    weights = None if spec.class_weights is None else (0.0,) + (1.0,) * (len(class_names) - 1)
+    return dataclasses.replace(spec, class_names=class_names, class_colors=tuple(palette), class_weights=weights)
+
+
+def import_original(folder: str | Path) -> Cerberus:
+    """Build a :class:`Cerberus` from an original model folder (``settings.yml`` + ``weights.tar``)."""
+    folder = Path(folder)
+    settings_path, weights_path = folder / ORIGINAL_SETTINGS, folder / ORIGINAL_WEIGHTS
+    for p in (settings_path, weights_path):
+        if not p.is_file():
+            raise CerberusError(f"{p} is missing: an original Cerberus model folder holds {ORIGINAL_SETTINGS} and {ORIGINAL_WEIGHTS}")
+    config = config_from_original_settings(_read_yaml(settings_path), str(settings_path))
+    obj = read_weights(weights_path)
+    if "desc" in obj:
+        obj = obj["desc"]
+        if not isinstance(obj, dict):
+            raise CerberusError(f"{weights_path}: 'desc' is not a state dict")
+    state = {}
+    for key, value in _tensor_dict(obj, weights_path).items():
+        new = map_original_key(key)
+        if new is not None:
+            state[new] = value
+    model = Cerberus(config)
+    if model.bottleneck is None:  # the original builds conv_map even when only the patch head uses the encoder
+        state.pop("bottleneck.weight", None)
+    load_state_strict(model, state, str(weights_path), f"the architecture in {ORIGINAL_SETTINGS} ({config.encoder}, "
+                      f"heads {', '.join(config.head_names)})")
+    model.provenance = {"imported_from": str(folder.resolve()), "weights_sha256": _sha256(weights_path)}
+    return model.eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
