@@ -1,0 +1,90 @@
+"""The ``cerberus`` command line. Thin: each command parses options and calls the Python API.
+
+Heavy modules (torch) are imported inside the commands so that ``cerberus --help`` is instant. A
+:class:`~cerberus_histo.errors.CerberusError` is printed as one line ``error: ...`` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CerberusError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CerberusError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="cerberus")
+def main():
+    """Cerberus: glands, lumina, nuclei and tissue types in H&E images with one multi-task network."""
+
+
+def _describe(model) -> str:
+    cfg = model.config
+    lines = [f"encoder      {cfg.encoder} (stem stride {cfg.stem_stride}, input / {cfg.norm.divisor:g})",
+             f"resolution   {cfg.mpp} um/px, patch {cfg.patch_shape} px, class patch {cfg.class_patch_shape} px",
+             f"parameters   {model.num_parameters():,}"]
+    for task in cfg.tasks:
+        heads = ", ".join(f"{k} ({task.num_outputs(k)})" for k in task.kinds)
+        lines.append(f"task {task.name:<8}{heads}; classes: {', '.join(task.class_names)}")
+    for key, value in model.provenance.items():
+        lines.append(f"{key:<13}{value}")
+    return "\n".join(lines)
+
+
+@main.command("import-original")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace DST if it already holds a model.")
+def import_original_cmd(src: Path, dst: Path, force: bool):
+    """Convert an original Cerberus model folder SRC (settings.yml + weights.tar) into a model folder DST.
+
+    The converted model gives the same logits as the original network on the same input.
+    """
+    from .models.checkpoint import CONFIG_FILE, import_original
+
+    if (dst / CONFIG_FILE).exists() and not force:
+        raise CerberusError(f"{dst} already holds a model; pass --force to replace it or choose another folder")
+    model = import_original(src)
+    model.save(dst)
+    click.echo(_describe(model))
+    click.echo(f"saved        {dst}")
+
+
+@main.command("info")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+def info_cmd(model_dir: Path):
+    """Describe a model folder (a Cerberus model or an original release): encoder, tasks, heads, classes."""
+    from .models.net import Cerberus
+
+    click.echo(_describe(Cerberus.load(model_dir)))
+
+
+@main.command("demo")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
+              help="Folder for the demo's outputs.")
+@click.option("--quick", is_flag=True, help="Use the narrow test encoder instead of ResNet-34.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_cmd(out_dir: Path, quick: bool, seed: int):
+    """Build the original six-head network, run it on a synthetic H&E tile, save and reload it."""
+    from .demo import run_demo
+
+    run_demo(out_dir, quick=quick, seed=seed)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
