@@ -149,7 +149,7 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> Cerberus:
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Cerberus:
     """Rebuild a model from a Cerberus model folder or an original Cerberus model folder; eval mode."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -175,7 +175,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
             f"{folder} holds no model: expected {CONFIG_FILE} + {WEIGHTS_FILE} (a Cerberus model) "
             f"or {ORIGINAL_SETTINGS} + {ORIGINAL_WEIGHTS} (an original Cerberus release)"
         )
-    return model.to(map_location).eval()
+    return model.to(device).eval()
 
 
 def load_encoder_weights(model: Cerberus, path: str | Path) -> None:

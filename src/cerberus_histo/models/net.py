@@ -106,12 +106,12 @@ class Cerberus(nn.Module):
         return save_model(self, folder)
 
     @classmethod
-    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> Cerberus:
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Cerberus:
         """Rebuild a model from a folder written by :meth:`save`, or from an original Cerberus model
         folder (``settings.yml`` + ``weights.tar``), which is converted on the fly. Returned in eval mode."""
         from .checkpoint import load_model
 
-        return load_model(folder, map_location)
+        return load_model(folder, device)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
