@@ -214,7 +214,6 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 @pytest.mark.parametrize("edit, words", [
     (lambda s: s["model_kwargs"].update(encoder_backbone_name="densenet121"), ["densenet121", "supported"]),
-    (lambda s: s["model_kwargs"].pop("considered_tasks"), ["considered_tasks"]),
     (lambda s: s["model_kwargs"]["considered_tasks"].append("Mitosis"), ["Mitosis"]),
     (lambda s: s["model_kwargs"]["decoder_kwargs"].update({"Nuclei#TYPE": {"TYPE": 5}}), ["nuclei type", "5 outputs"]),
 ])
@@ -228,6 +227,19 @@ def test_bad_original_settings(tmp_path, original, edit, words):
     (bad / "settings.yml").write_text(yaml.safe_dump(settings))
     (bad / "weights.tar").write_bytes((folder / "weights.tar").read_bytes())
     assert_clean_error(run_cli("import-original", bad, tmp_path / "out"), *words)
+
+
+def test_settings_without_considered_tasks_take_the_heads_from_the_weights(tmp_path):
+    """The original training code wrote settings.yml without considered_tasks (its bug 10.1.3)."""
+    settings = yaml.safe_load(yaml.safe_dump(SETTINGS))
+    del settings["model_kwargs"]["considered_tasks"]
+    net = randomise(OriginalNet(considered_tasks=["Gland", "Gland#TYPE", "Patch-Class"]))
+    model = import_original(_write_original(tmp_path / "trained", net.state_dict(), settings))
+    assert model.head_names == ("gland-inst", "gland-type", "tissue-class")
+    _compare(net, model, 144)
+    only_encoder = {k: v for k, v in net.state_dict().items() if k.startswith("backbone.")}
+    with pytest.raises(CerberusError, match="considered_tasks is missing"):
+        import_original(_write_original(tmp_path / "bare", only_encoder, settings))
 
 
 def test_original_folder_without_weights(tmp_path):

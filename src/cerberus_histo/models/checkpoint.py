@@ -223,8 +223,12 @@ def map_original_key(key: str) -> str | None:
     return key
 
 
-def config_from_original_settings(settings: dict, source: str = ORIGINAL_SETTINGS) -> ModelConfig:
-    """Translate an original ``settings.yml`` into a :class:`ModelConfig` (errors name the bad key)."""
+def config_from_original_settings(settings: dict, source: str = ORIGINAL_SETTINGS, weight_keys=()) -> ModelConfig:
+    """Translate an original ``settings.yml`` into a :class:`ModelConfig` (errors name the bad key).
+
+    Settings written by the original training code lack ``considered_tasks``; the decoders are then taken
+    from the weights' keys (``weight_keys``, ``module.`` stripped).
+    """
     mk = settings.get("model_kwargs")
     if not isinstance(mk, dict):
         raise CerberusError(f"{source}: no 'model_kwargs' mapping; is this an original Cerberus settings.yml?")
@@ -234,11 +238,13 @@ def config_from_original_settings(settings: dict, source: str = ORIGINAL_SETTING
             f"{source}: model_kwargs.encoder_backbone_name {encoder!r} is not supported; "
             f"supported: {', '.join(ORIGINAL_ENCODERS)} (the densenet, mobilenet, unet and dsf encoders are not ported)"
         )
-    tasks_listed = mk.get("considered_tasks")
+    tasks_listed = mk.get("considered_tasks") or [
+        d for d in ORIGINAL_DECODERS if any(k.startswith(f"decoder_head.{d}.") for k in weight_keys)
+    ]
     decoders = mk.get("decoder_kwargs") or {}
     if not tasks_listed:
         raise CerberusError(
-            f"{source}: model_kwargs.considered_tasks is missing (original training runs did not write it); "
+            f"{source}: model_kwargs.considered_tasks is missing and the weights name no decoder; "
             f"add the decoder names, e.g. [{', '.join(ORIGINAL_DECODERS)}]"
         )
     heads: dict[str, dict[str, int]] = {}
@@ -291,14 +297,15 @@ def import_original(folder: str | Path) -> Cerberus:
     for p in (settings_path, weights_path):
         if not p.is_file():
             raise CerberusError(f"{p} is missing: an original Cerberus model folder holds {ORIGINAL_SETTINGS} and {ORIGINAL_WEIGHTS}")
-    config = config_from_original_settings(_read_yaml(settings_path), str(settings_path))
     obj = read_weights(weights_path)
     if "desc" in obj:
         obj = obj["desc"]
         if not isinstance(obj, dict):
             raise CerberusError(f"{weights_path}: 'desc' is not a state dict")
+    original = _tensor_dict(obj, weights_path)
+    config = config_from_original_settings(_read_yaml(settings_path), str(settings_path), original.keys())
     state = {}
-    for key, value in _tensor_dict(obj, weights_path).items():
+    for key, value in original.items():
         new = map_original_key(key)
         if new is not None:
             state[new] = value
