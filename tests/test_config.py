@@ -62,6 +62,10 @@ def test_unknown_keys_are_named():
     with pytest.raises(ConfigError, match="encoderr"):
         ModelConfig.from_dict(d)
     d = ModelConfig.preset("nuclei").to_dict()
+    d["norm"]["divisor"] = "two hundred"
+    with pytest.raises(ConfigError, match="norm"):
+        ModelConfig.from_dict(d)
+    d = ModelConfig.preset("nuclei").to_dict()
     d["tasks"][0]["kernel"] = 3
     with pytest.raises(ConfigError, match="kernel"):
         ModelConfig.from_dict(d)

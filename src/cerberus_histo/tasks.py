@@ -42,7 +42,9 @@ def from_dict(cls, data, where: str):
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
     try:
         return cls(**data)
-    except TypeError as exc:  # a missing required key
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a missing required key, a value of the wrong type
         raise ConfigError(f"{where}: {exc}") from None
 
 

@@ -158,8 +158,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Cerber
         meta = _read_yaml(folder / CONFIG_FILE)
         if meta.get("format") != FORMAT or "model" not in meta:
             raise CerberusError(f"{folder / CONFIG_FILE} is not a Cerberus model description (no 'format: {FORMAT}')")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise CerberusError(f"{folder} was written by a newer cerberus-histo; upgrade the package to load it")
+        if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+            raise CerberusError(f"{folder} was written by a newer cerberus-histo (or has a bad format_version); "
+                                "upgrade the package to load it")
         config = ModelConfig.from_dict(meta["model"])
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
