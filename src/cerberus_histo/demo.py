@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,27 +48,30 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     timings: dict[str, float] = {}
-    stages = ["build model", "synthesise tile", "infer", "save + reload"]
-    bar = tqdm(stages, desc="demo", unit="stage")
-    results: dict = {}
-    for stage in bar:
-        bar.set_postfix_str(stage)
+    bar = tqdm(total=4, desc="demo", unit="stage")
+
+    @contextmanager
+    def stage(name: str):
+        bar.set_postfix_str(name)
         t0 = time.perf_counter()
-        if stage == "build model":
-            config = ModelConfig.preset("original", **({"encoder": "tiny"} if quick else {}))
-            model = Cerberus(config).eval()
-        elif stage == "synthesise tile":
-            tile = synthetic_tile(config.patch_shape, rng)
-            batch = torch.from_numpy(tile).permute(2, 0, 1)[None]
-        elif stage == "infer":
-            with torch.inference_mode():
-                logits = model(batch)
-        else:
-            model.save(out_dir / "model")
-            with torch.inference_mode():
-                again = Cerberus.load(out_dir / "model")(batch)
-            results["reload_max_abs_diff"] = max(float((again[k] - logits[k]).abs().max()) for k in logits)
-        timings[stage] = time.perf_counter() - t0
+        yield
+        timings[name] = time.perf_counter() - t0
+        bar.update()
+
+    with stage("build model"):
+        config = ModelConfig.preset("original", **({"encoder": "tiny"} if quick else {}))
+        model = Cerberus(config).eval()
+    with stage("synthesise tile"):
+        tile = synthetic_tile(config.patch_shape, rng)
+        batch = torch.from_numpy(tile).permute(2, 0, 1)[None]
+    with stage("infer"), torch.inference_mode():
+        logits = model(batch)
+    with stage("save + reload"):
+        model.save(out_dir / "model")
+        with torch.inference_mode():
+            again = Cerberus.load(out_dir / "model")(batch)
+    bar.close()
+    results = {"reload_max_abs_diff": max(float((again[k] - logits[k]).abs().max()) for k in logits)}
     heads = {name: list(v.shape) for name, v in logits.items()}
     results.update(encoder=config.encoder, parameters=model.num_parameters(), heads=heads,
                    timings_s={k: round(v, 3) for k, v in timings.items()})

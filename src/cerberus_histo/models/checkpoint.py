@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -55,16 +56,21 @@ ORIGINAL_ENCODERS = ("resnet18", "resnet34", "resnet50")
 
 def read_weights(path: str | Path) -> dict:
     """``torch.load(path, weights_only=True)`` with one-line errors for missing, empty, corrupt or unsafe files."""
-    path = Path(path)
+    return _read_weights(Path(path))[0]
+
+
+def _read_weights(path: Path) -> tuple[dict, str]:
+    """The loaded object and the file's SHA-256, from one read of the file."""
     if not path.is_file():
         raise CerberusError(f"{path}: weights file not found")
-    if path.stat().st_size == 0:
+    data = path.read_bytes()
+    if not data:
         raise CerberusError(f"{path} is empty (0 bytes); copy or re-save the weights file")
     corrupt = f"{path} is truncated, corrupt or not a PyTorch weights file"
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols while failing; the error says it all
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc) or "Unsupported class" in str(exc):
             raise CerberusError(
@@ -76,7 +82,7 @@ def read_weights(path: str | Path) -> dict:
         raise CerberusError(f"{corrupt} ({_first_line(exc)}); re-copy it or re-save it with torch.save") from None
     if not isinstance(obj, dict):
         raise CerberusError(f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
-    return obj
+    return obj, hashlib.sha256(data).hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -258,7 +264,8 @@ def config_from_original_settings(settings: dict, source: str = ORIGINAL_SETTING
             raise CerberusError(f"{source}: decoder_kwargs.{dec} must be {{{out_name}: channels}}, got {outs!r}")
         heads.setdefault(task, {})[kind] = outs[out_name]
     names = settings.get("type_names") or {}
-    codes = (settings.get("dataset_kwargs") or {}).get("req_target_code") or {}
+    dk = settings.get("dataset_kwargs") or {}
+    codes = dk.get("req_target_code") or {}
     specs = []
     for task_name in ("gland", "lumen", "nuclei", "tissue"):
         if task_name not in heads:
@@ -268,6 +275,11 @@ def config_from_original_settings(settings: dict, source: str = ORIGINAL_SETTING
         if class_names != spec.class_names:
             spec = _renamed(spec, class_names)
         for kind, channels in heads[task_name].items():
+            if kind == "inst" and channels not in (None, 3):
+                raise CerberusError(
+                    f"{source}: the {task_name} inst head has {channels} outputs; only the 3-class "
+                    "IP-ERODED-CONTOUR target (background, interior, contour) is supported"
+                )
             if channels is not None and kind != "inst" and channels != len(class_names):
                 raise CerberusError(
                     f"{source}: the {task_name} {kind} head has {channels} outputs but type_names.{task_name} "
@@ -278,7 +290,6 @@ def config_from_original_settings(settings: dict, source: str = ORIGINAL_SETTING
         kernel = int(m.group(1)) if m else spec.inst_kernel
         kept = tuple(h for h in spec.heads if h.kind in heads[task_name])
         specs.append(dataclasses.replace(spec, heads=kept, inst_kernel=kernel))
-    dk = settings.get("dataset_kwargs") or {}
     return ModelConfig(tasks=tuple(specs), encoder=encoder, stem_stride=1,
                        patch_shape=int(dk.get("input_shape", 448)), class_patch_shape=int(dk.get("class_input_shape", 144)))
 
@@ -298,7 +309,7 @@ def import_original(folder: str | Path) -> Cerberus:
     for p in (settings_path, weights_path):
         if not p.is_file():
             raise CerberusError(f"{p} is missing: an original Cerberus model folder holds {ORIGINAL_SETTINGS} and {ORIGINAL_WEIGHTS}")
-    obj = read_weights(weights_path)
+    obj, sha256 = _read_weights(weights_path)
     if "desc" in obj:
         obj = obj["desc"]
         if not isinstance(obj, dict):
@@ -315,13 +326,6 @@ def import_original(folder: str | Path) -> Cerberus:
         state.pop("bottleneck.weight", None)
     load_state_strict(model, state, str(weights_path), f"the architecture in {ORIGINAL_SETTINGS} ({config.encoder}, "
                       f"heads {', '.join(config.head_names)})")
-    model.provenance = {"imported_from": str(folder.resolve()), "weights_sha256": _sha256(weights_path)}
+    model.provenance = {"imported_from": str(folder.resolve()), "weights_sha256": sha256}
     return model.eval()
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
