@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cerberus demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs
 
 test: lint
 	$(VENV)/bin/pytest -q

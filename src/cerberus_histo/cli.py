@@ -74,6 +74,39 @@ def info_cmd(model_dir: Path):
     click.echo(_describe(Cerberus.load(model_dir)))
 
 
+@main.group("synth")
+def synth_group():
+    """Synthetic H&E data with exact labels (0.5 um/px), for training and testing without downloads."""
+
+
+@synth_group.command("tiles")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Dataset folder to write.")
+@click.option("--n", "n", type=int, default=100, show_default=True, help="Number of tiles.")
+@click.option("--size", type=int, default=448, show_default=True, help="Tile side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--splits", "num_splits", type=int, default=3, show_default=True, help="Number of splits (folds).")
+def synth_tiles_cmd(out_dir: Path, n: int, size: int, seed: int, num_splits: int):
+    """Tiles with gland, lumen and nuclei instances and classes and the tissue-class map, as a dataset folder."""
+    from .data.synthetic import write_tiles
+
+    spec = write_tiles(out_dir, n, size, seed, num_splits)
+    click.echo(f"wrote {n} tiles of {size} px and {spec.root / 'dataset.yaml'}")
+
+
+@synth_group.command("patches")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Dataset folder to write.")
+@click.option("--n-per-class", type=int, default=50, show_default=True, help="Patches per tissue class.")
+@click.option("--size", type=int, default=144, show_default=True, help="Patch side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--splits", "num_splits", type=int, default=3, show_default=True, help="Number of splits (folds).")
+def synth_patches_cmd(out_dir: Path, n_per_class: int, size: int, seed: int, num_splits: int):
+    """Patches of the nine tissue classes for the patch-classification head, as a dataset folder."""
+    from .data.synthetic import write_patches
+
+    spec = write_patches(out_dir, n_per_class, size, seed, num_splits)
+    click.echo(f"wrote {9 * n_per_class} patches of {size} px and {spec.root / 'dataset.yaml'}")
+
+
 @main.command("demo")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
               help="Folder for the demo's outputs.")
