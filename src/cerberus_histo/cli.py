@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .data.formats import FORMATS
 from .errors import CerberusError
 
 
@@ -72,6 +73,20 @@ def info_cmd(model_dir: Path):
     from .models.net import Cerberus
 
     click.echo(_describe(Cerberus.load(model_dir)))
+
+
+@main.command("import-dataset")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(list(FORMATS)))
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--mpp", type=float, default=None, help="Override the dataset's resolution (microns per pixel).")
+def import_dataset_cmd(fmt: str, src: Path, dst: Path, mpp: float | None):
+    """Convert a public dataset (FORMAT) at SRC into the common layout at DST, with splits and dataset.yaml."""
+    from .data.formats import import_dataset
+
+    spec = import_dataset(fmt, src, dst, mpp=mpp)
+    click.echo(f"imported {len(spec.names())} images ({', '.join(spec.tasks)}) at {spec.mpp} um/px into "
+               f"{spec.root / 'dataset.yaml'}")
 
 
 @main.group("synth")
