@@ -89,6 +89,22 @@ def import_dataset_cmd(fmt: str, src: Path, dst: Path, mpp: float | None):
                f"{spec.root / 'dataset.yaml'}")
 
 
+@main.command("extract-patches")
+@click.option("--config", type=click.Path(path_type=Path), required=True, help="dataset.yaml (or its folder).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the patches.")
+@click.option("--win-size", type=int, default=996, show_default=True, help="Window side (twice the input).")
+@click.option("--step-size", type=int, default=448, show_default=True, help="Step between windows (224 for nuclei).")
+@click.option("--mode", type=click.Choice(["valid", "mirror"]), default="valid", show_default=True)
+def extract_patches_cmd(config: Path, out_dir: Path, win_size: int, step_size: int, mode: str):
+    """Cut a dataset's images and labels into training patches (.npz), one folder per split; re-runs skip
+    finished images."""
+    from .data.patches import extract_patches
+
+    r = extract_patches(config, out_dir, win_size, step_size, mode)
+    click.echo(f"{r.patches} patches from {r.images} images ({r.skipped_images} already done, "
+               f"{r.empty_windows} windows without tissue skipped) in {out_dir}")
+
+
 @main.group("synth")
 def synth_group():
     """Synthetic H&E data with exact labels (0.5 um/px), for training and testing without downloads."""

@@ -1,0 +1,149 @@
+"""Patch extraction: cut a dataset's images and label maps into fixed windows for training.
+
+As in the original Cerberus (``extract_patches.py``), windows of ``win_size`` (996, twice the 448 input, so
+that rotation and scaling have context before the centre crop) are placed every ``step_size`` (448; the
+original used 224 for nuclei):
+
+``valid``
+    windows at 0, step, 2·step ... while they fit, plus one flush with the bottom/right edge when a
+    remainder is left; an image smaller than the window is first reflect-padded symmetrically.
+``mirror``
+    reflect-pad by (win − step) / 2 on each side, then as ``valid``, so every pixel is near some
+    window's centre.
+
+Windows with no tissue-mask pixel are skipped. Each patch is one ``.npz`` (no pickle) holding ``image``
+(uint8 H x W x 3) and, per task, ``{task}_inst`` and ``{task}_type`` (int32 maps) or ``{task}_class_map``;
+patch-classification datasets give one patch per image with the scalar ``{task}_class``. Output:
+``OUT/{dataset}/split_{k}/{win}_{step}/{image}-{idx:04d}.npz``, and a marker per finished image, so a re-run
+skips finished images. Reflect padding can duplicate an instance; the targets fix that at training time
+(:func:`cerberus_histo.data.targets.fix_mirror_padding`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import CerberusError
+from .dataset import DatasetSpec, atomic_write_bytes, load_dataset
+from .targets import type_target
+
+MODES = ("valid", "mirror")
+
+
+def window_starts(length: int, win: int, step: int) -> list[int]:
+    """Start offsets along one axis of length >= win: every ``step``, plus one flush with the end."""
+    if length < win:
+        raise ValueError(f"length {length} is smaller than the window {win}; pad first")
+    starts = list(range(0, length - win + 1, step))
+    if starts[-1] != length - win:
+        starts.append(length - win)
+    return starts
+
+
+def _pad_widths(shape: tuple[int, int], win: int, step: int, mode: str) -> list[tuple[int, int]]:
+    pads = []
+    for n in shape:
+        before = after = (win - step) // 2 if mode == "mirror" else 0
+        short = win - (n + before + after)
+        if short > 0:  # smaller than a window: pad symmetrically
+            before, after = before + (short + 1) // 2, after + short // 2
+        pads.append((before, after))
+    return pads
+
+
+def windows(shape: tuple[int, int], win: int, step: int, mode: str = "valid"):
+    """``(pads, [(y, x), ...])``: padding of each axis and window origins in the padded image."""
+    if mode not in MODES:
+        raise CerberusError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not (0 < step <= win):
+        raise CerberusError(f"--step-size must be in 1..--win-size ({win}), got {step}")
+    pads = _pad_widths(shape, win, step, mode)
+    h, w = (n + a + b for n, (a, b) in zip(shape, pads, strict=True))
+    return pads, [(y, x) for y in window_starts(h, win, step) for x in window_starts(w, win, step)]
+
+
+@dataclass
+class ExtractionReport:
+    images: int = 0
+    skipped_images: int = 0
+    patches: int = 0
+    empty_windows: int = 0
+
+
+def _label_maps(spec: DatasetSpec, name: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    maps = {}
+    for ann in spec.annotations:
+        if ann.kinds == ("class",):
+            continue
+        a = spec.read_annotation(name, ann.task, shape)
+        if a.inst_map is not None:
+            maps[f"{ann.task}_inst"] = a.inst_map
+            if a.classes is not None:
+                maps[f"{ann.task}_type"] = type_target(a.inst_map, a.ids, a.classes)
+        if a.class_map is not None:
+            maps[f"{ann.task}_class_map"] = a.class_map
+    return maps
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, step_size: int = 448,
+                    mode: str = "valid", progress: bool = True) -> ExtractionReport:
+    """Extract the patches of every image listed in the dataset's split CSV (see the module docstring)."""
+    spec = load_dataset(config)
+    names = spec.check_files()
+    splits = spec.splits()
+    out = Path(out) / spec.name
+    report = ExtractionReport()
+    class_tasks = [a.task for a in spec.annotations if a.kinds == ("class",)]
+    image_classes = {t: spec.image_classes(t) for t in class_tasks}
+    for name in tqdm(names, desc=f"extract {spec.name}", unit="image", disable=not progress):
+        folder = out / f"split_{splits[name]}" / (f"{win_size}_{step_size}" if not class_tasks else "")
+        marker = folder / ".done" / f"{name}.json"
+        if marker.is_file():
+            report.skipped_images += 1
+            continue
+        image = spec.read_image(name)
+        shape = image.shape[:2]
+        written = []
+        if class_tasks:  # patch classification: the whole image is the patch
+            arrays = {"image": image, **{f"{t}_class": np.int32(image_classes[t][name]) for t in class_tasks}}
+            _save_npz(folder / f"{name}.npz", arrays)
+            written.append(f"{name}.npz")
+        else:
+            mask = spec.read_mask(name, shape)
+            maps = {"image": image, "_mask": mask, **_label_maps(spec, name, shape)}
+            pads, origins = windows(shape, win_size, step_size, mode)
+            if any(a or b for a, b in pads):
+                maps = {k: np.pad(v, pads + [(0, 0)] * (v.ndim - 2), mode="reflect") for k, v in maps.items()}
+            for idx, (y, x) in enumerate(origins):
+                crop = {k: v[y:y + win_size, x:x + win_size] for k, v in maps.items()}
+                if not crop.pop("_mask").any():
+                    report.empty_windows += 1
+                    continue
+                fname = f"{name}-{idx:04d}.npz"
+                _save_npz(folder / fname, crop)
+                written.append(fname)
+        report.images += 1
+        report.patches += len(written)
+        atomic_write_bytes(marker, json.dumps({"patches": written}).encode())
+    return report
+
+
+def load_patch(path: str | Path) -> dict[str, np.ndarray]:
+    """Read one patch file (no pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001
+        raise CerberusError(f"{path} is not a readable patch file ({type(exc).__name__}); re-extract it") from None
