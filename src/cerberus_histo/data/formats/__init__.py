@@ -3,7 +3,8 @@
 
 ``FORMATS`` maps a format name to ``(module, function, description)``; importers are imported lazily.
 Each function is ``import_x(src: Path, dst: Path, *, mpp: float | None = None, progress: bool = True)
--> DatasetSpec``. Class mappings are documented in each module and in ``docs/data.md``.
+-> DatasetSpec``. Progress bars, here and in the other long commands, show on a terminal only
+(tqdm ``disable=None``), so logs and captured stderr hold just the result or the one-line error. Class mappings are documented in each module and in ``docs/data.md``.
 """
 
 from __future__ import annotations
