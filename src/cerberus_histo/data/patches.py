@@ -107,7 +107,7 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
     report = ExtractionReport()
     class_tasks = [a.task for a in spec.annotations if a.kinds == ("class",)]
     image_classes = {t: spec.image_classes(t) for t in class_tasks}
-    for name in tqdm(names, desc=f"extract {spec.name}", unit="image", disable=not progress):
+    for name in tqdm(names, desc=f"extract {spec.name}", unit="image", disable=None if progress else True):
         folder = out / f"split_{splits[name]}" / (f"{win_size}_{step_size}" if not class_tasks else "")
         marker = folder / ".done" / f"{name}.json"
         if marker.is_file():

@@ -426,7 +426,7 @@ def write_tiles(out: str | Path, n: int, size: int = 448, seed: int = 0, num_spl
         ),
     )
     splits = {}
-    for i in tqdm(range(n), desc="synth tiles", unit="tile", disable=not progress):
+    for i in tqdm(range(n), desc="synth tiles", unit="tile", disable=None if progress else True):
         name = f"synth_{i:05d}"
         tile = synth_tile(size, _sample_rng(seed, i))
         write_rgb(spec.image_path(name), tile.image)
@@ -456,7 +456,7 @@ def write_patches(out: str | Path, n_per_class: int, size: int = 144, seed: int 
     )
     rows, splits = ["Filename,Class"], {}
     jobs = [(c, k) for c in range(len(TISSUE.class_names)) for k in range(n_per_class)]
-    for j, (cls, k) in enumerate(tqdm(jobs, desc="synth patches", unit="patch", disable=not progress)):
+    for j, (cls, k) in enumerate(tqdm(jobs, desc="synth patches", unit="patch", disable=None if progress else True)):
         name = f"{TISSUE.class_names[cls]}_{k:05d}"
         write_rgb(spec.image_path(name), synth_patch(cls, size, _sample_rng(seed, j)))
         rows.append(f"{name},{TISSUE.class_names[cls]}")
