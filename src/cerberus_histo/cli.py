@@ -138,6 +138,26 @@ def synth_patches_cmd(out_dir: Path, n_per_class: int, size: int, seed: int, num
     click.echo(f"wrote {9 * n_per_class} patches of {size} px and {spec.root / 'dataset.yaml'}")
 
 
+@synth_group.command("slide")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Slide file (.tif).")
+@click.option("--width", type=int, required=True, help="Level-0 width in pixels.")
+@click.option("--height", type=int, required=True, help="Level-0 height in pixels.")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Microns per pixel at level 0.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--field", type=int, default=1024, show_default=True, help="Side of the synthetic fields (px).")
+@click.option("--fields", "n_fields", type=int, default=8, show_default=True, help="Distinct fields to tile.")
+@click.option("--compression", type=click.Choice(["jpeg", "deflate"]), default="jpeg", show_default=True)
+def synth_slide_cmd(out_path: Path, width: int, height: int, mpp: float, seed: int, field: int, n_fields: int,
+                    compression: str):
+    """A pyramidal tiled BigTIFF slide (tissue islands on white) and its ground truth (X.truth.json/.npz),
+    written in bounded memory."""
+    from .data.slide import write_synthetic_slide
+
+    write_synthetic_slide(out_path, width, height, mpp, seed, field=field, offset=3 * field // 8 // 128 * 128,
+                          n_fields=n_fields, compression=compression)
+    click.echo(f"wrote {out_path} ({width} x {height} px at {mpp} um/px) and its ground truth")
+
+
 @main.command("demo")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
               help="Folder for the demo's outputs.")
