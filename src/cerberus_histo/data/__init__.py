@@ -1,1 +1,2 @@
-"""Data: training targets (and, as they land, the synthetic generator, importers, patches and augmentation)."""
+"""Data: synthetic tiles and slides, the dataset layout and importers, patch extraction, augmentation and
+training targets. Nothing here imports torch."""
