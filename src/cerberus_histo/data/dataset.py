@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import numpy as np
 import yaml
 
 from ..errors import CerberusError
+from ..io.files import atomic_write_bytes, read_yaml_mapping
 from ..tasks import TASKS, from_dict
 
 FORMAT = "cerberus-dataset"
@@ -296,12 +296,7 @@ def load_dataset(path: str | Path) -> DatasetSpec:
         path = path / "dataset.yaml"
     if not path.is_file():
         raise CerberusError(f"{path}: dataset description not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CerberusError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise CerberusError(f"{path} must hold a YAML mapping")
+    data = read_yaml_mapping(path)
     spec = from_dict(DatasetSpec, {**data, "root": path.parent}, f"{path}")
     for label, rel in [("image_dir", spec.image_dir), ("mask_dir", spec.mask_dir)] + [
             (f"annotations[{a.task}].dir", a.dir) for a in spec.annotations]:
@@ -311,17 +306,6 @@ def load_dataset(path: str | Path) -> DatasetSpec:
 
 
 # ---- files ---------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so no half-written file is ever visible under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_rgb(path: Path) -> np.ndarray:

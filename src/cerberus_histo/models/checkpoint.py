@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
 import pickle
 import re
 import warnings
@@ -28,6 +27,7 @@ import yaml
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import CerberusError
+from ..io.files import atomic_write, read_yaml_mapping
 from ..tasks import TaskSpec, get_task
 from .encoders import ENCODERS, imagenet_state_dict
 from .net import Cerberus
@@ -116,15 +116,6 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
 # ---- our model folders ------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_model(model: Cerberus, folder: str | Path) -> Path:
     """Write ``model.yaml`` and ``weights.pt`` into ``folder`` (created if needed), each atomically."""
     folder = Path(folder)
@@ -140,19 +131,9 @@ def save_model(model: Cerberus, folder: str | Path) -> Path:
     if model.provenance:
         meta["provenance"] = model.provenance
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / WEIGHTS_FILE, lambda p: torch.save(state, p))
-    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(yaml.safe_dump(meta, sort_keys=False)))
+    atomic_write(folder / WEIGHTS_FILE, lambda p: torch.save(state, p))
+    atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(yaml.safe_dump(meta, sort_keys=False)))
     return folder
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CerberusError(f"{path} is not valid YAML ({_first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise CerberusError(f"{path} must hold a YAML mapping")
-    return data
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Cerberus:
@@ -161,7 +142,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Cerber
     if not folder.is_dir():
         raise CerberusError(f"{folder}: model folder not found")
     if (folder / CONFIG_FILE).is_file():
-        meta = _read_yaml(folder / CONFIG_FILE)
+        meta = read_yaml_mapping(folder / CONFIG_FILE)
         if meta.get("format") != FORMAT or "model" not in meta:
             raise CerberusError(f"{folder / CONFIG_FILE} is not a Cerberus model description (no 'format: {FORMAT}')")
         if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
@@ -315,7 +296,7 @@ def import_original(folder: str | Path) -> Cerberus:
         if not isinstance(obj, dict):
             raise CerberusError(f"{weights_path}: 'desc' is not a state dict")
     original = _tensor_dict(obj, weights_path)
-    config = config_from_original_settings(_read_yaml(settings_path), str(settings_path), original.keys())
+    config = config_from_original_settings(read_yaml_mapping(settings_path), str(settings_path), original.keys())
     state = {}
     for key, value in original.items():
         new = map_original_key(key)

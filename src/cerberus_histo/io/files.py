@@ -1,0 +1,39 @@
+"""Small file helpers shared across the package: atomic writes and YAML mappings with one-line errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from ..errors import CerberusError
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place, so no
+    half-written file is ever visible under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file that must hold a mapping; invalid YAML or another type is a one-line error."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CerberusError(f"{path} is not valid YAML ({str(exc).strip().splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CerberusError(f"{path} must hold a YAML mapping")
+    return data
