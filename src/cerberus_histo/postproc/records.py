@@ -22,7 +22,7 @@ def instance_types(inst: np.ndarray, type_map: np.ndarray, num_classes: int | No
     occurs, the most frequent non-zero class. Returns ``(ids, types, probs)`` for ids 1..max present.
     """
     inst = np.asarray(inst)
-    ids = np.unique(inst)
+    ids = np.flatnonzero(np.bincount(inst.ravel()))
     ids = ids[ids > 0]
     if ids.size == 0:
         return ids.astype(np.int32), ids.astype(np.int32), ids.astype(np.float32)
