@@ -105,6 +105,28 @@ def extract_patches_cmd(config: Path, out_dir: Path, win_size: int, step_size: i
                f"{r.empty_windows} windows without tissue skipped) in {out_dir}")
 
 
+@main.command("evaluate")
+@click.option("--task", type=click.Choice(["nuclei", "gland", "lumen", "tissue"]), required=True)
+@click.option("--pred", "pred_dir", type=click.Path(path_type=Path), required=True, help="Predicted label files.")
+@click.option("--true", "true_dir", type=click.Path(path_type=Path), required=True,
+              help="True label files, or a dataset folder (dataset.yaml).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Where to write the JSON (default: PRED/evaluation_TASK.json).")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Resolution, for the detection radius.")
+@click.option("--radius-um", type=float, default=3.0, show_default=True, help="Centroid pairing radius (nuclei).")
+@click.option("--num-classes", type=int, default=None, help="Classes of the type labels (default: the task's).")
+def evaluate_cmd(task, pred_dir, true_dir, json_path, mpp, radius_um, num_classes):
+    """Score predictions against truth, matching files by name: PQ, AJI, Dice, mPQ+, F1, GlaS metrics or
+    tissue accuracy; prints a table and writes JSON."""
+    from .metrics.evaluate import evaluate, table, write_json
+
+    result = evaluate(task, pred_dir, true_dir, mpp=mpp, radius_um=radius_um, num_classes=num_classes)
+    out = json_path or Path(result.get("pred", pred_dir)) / f"evaluation_{task}.json"
+    write_json(result, out)
+    click.echo(table(result))
+    click.echo(f"written {out}")
+
+
 @main.group("synth")
 def synth_group():
     """Synthetic H&E data with exact labels (0.5 um/px), for training and testing without downloads."""
