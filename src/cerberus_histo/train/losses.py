@@ -1,0 +1,92 @@
+"""Multi-task losses with masked means, so that samples without a task's labels add nothing to it.
+
+A batch is a dict: ``image`` (N x 3 x H x W) and, per head present, ``target/{head}`` (N x H x W class map
+for ``inst``/``type`` heads, N for ``class`` heads), ``has/{head}`` (N booleans: which samples carry labels)
+and for ``inst`` heads optionally ``weight/{head}`` (N x H x W separation weights, 1 where absent).
+
+Per head (the original Cerberus's losses, spec §3, with its broadcasting accident made explicit):
+
+- ``inst``: cross-entropy times the separation weight map, mean over pixels, then the masked mean over
+  samples ``sum(loss * has) / (sum(has) + 1e-8)``;
+- ``type``: class-weighted cross-entropy (pixel weight = the class weight of its label; background, label 0,
+  weight 0, so only object pixels count), mean over pixels, masked mean over samples; plus soft Dice
+  inside objects, summed over the non-background classes: ``sum_c 1 - (2 I_c + s) / (P_c + T_c + s)``,
+  ``s = 1e-3``, over the labelled samples;
+- ``class``: cross-entropy, masked mean over samples.
+
+The total is ``sum_head loss_weight * (ce_weight * CE + dice_weight * Dice)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+EPS = 1e-8
+DICE_SMOOTH = 1e-3
+
+
+def masked_mean(per_sample: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    has = has.to(per_sample.dtype)
+    return (per_sample * has).sum() / (has.sum() + EPS)
+
+
+def inst_ce(logits: torch.Tensor, target: torch.Tensor, has: torch.Tensor, weight: torch.Tensor | None = None):
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    if weight is not None:
+        ce = ce * weight
+    return masked_mean(ce.flatten(1).mean(1), has)
+
+
+def type_ce(logits: torch.Tensor, target: torch.Tensor, has: torch.Tensor, class_weights: torch.Tensor):
+    target = target.long()
+    ce = F.cross_entropy(logits.float(), target, reduction="none") * class_weights.to(logits.device)[target]
+    return masked_mean(ce.flatten(1).mean(1), has)
+
+
+def type_dice(logits: torch.Tensor, target: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Soft Dice over non-background classes, inside objects of labelled samples, summed over classes."""
+    n_cls = logits.shape[1]
+    prob = logits.float().softmax(1)
+    onehot = F.one_hot(target.long(), n_cls).permute(0, 3, 1, 2).to(prob.dtype)
+    mask = ((target > 0) & has.view(-1, 1, 1)).unsqueeze(1).to(prob.dtype)
+    prob, onehot = (prob * mask)[:, 1:], (onehot * mask)[:, 1:]
+    inter = (prob * onehot).sum((0, 2, 3))
+    total = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return (1 - (2 * inter + DICE_SMOOTH) / (total + DICE_SMOOTH)).sum()
+
+
+def class_ce(logits: torch.Tensor, target: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    return masked_mean(F.cross_entropy(logits.float(), target.long(), reduction="none"), has)
+
+
+def multitask_loss(config: ModelConfig, logits: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of the losses of the heads in ``logits`` (see the module docstring) and each term."""
+    total = None
+    parts: dict[str, torch.Tensor] = {}
+    for name, out in logits.items():
+        task, head = config.head(name)
+        target, has = batch[f"target/{name}"], batch[f"has/{name}"]
+        if head.kind == "inst":
+            loss = head.ce_weight * inst_ce(out, target, has, batch.get(f"weight/{name}"))
+            parts[f"{name}/ce"] = loss
+        elif head.kind == "type":
+            weights = torch.tensor(task.class_weights or [0.0] + [1.0] * (out.shape[1] - 1), dtype=torch.float32)
+            ce = type_ce(out, target, has, weights)
+            parts[f"{name}/ce"] = ce
+            loss = head.ce_weight * ce
+            if head.dice_weight:
+                dice = type_dice(out, target, has)
+                parts[f"{name}/dice"] = dice
+                loss = loss + head.dice_weight * dice
+        else:
+            loss = head.ce_weight * class_ce(out, target, has)
+            parts[f"{name}/ce"] = loss
+        loss = head.loss_weight * loss
+        parts[name] = loss
+        total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError("no head in the batch: nothing to train")
+    return total, parts
