@@ -113,3 +113,35 @@ def test_sampler_resumes_exactly():
     assert first + list(c) == full
     with pytest.raises(ValueError):
         TaskBatchSampler([], 0)
+
+
+def test_training_samples_from_patches(tmp_path):
+    from cerberus_histo.data.patches import extract_patches
+    from cerberus_histo.data.synthetic import write_patches, write_tiles
+    from cerberus_histo.train.data import PatchSet, TrainingSet, patch_files
+
+    write_tiles(tmp_path / "tiles", 3, 160, seed=2, progress=False)
+    write_patches(tmp_path / "pc", 1, 80, seed=2, progress=False)
+    extract_patches(tmp_path / "tiles", tmp_path / "p", win_size=128, step_size=96, progress=False)
+    extract_patches(tmp_path / "pc", tmp_path / "p", progress=False)
+    cfg = ModelConfig.preset("original", encoder="tiny", patch_shape=96, class_patch_shape=64)
+    gland = PatchSet(patch_files(tmp_path / "p" / "synthetic-tiles", [1, 2]), ("gland-inst", "gland-type"), cfg)
+    nuclei = PatchSet(patch_files(tmp_path / "p" / "synthetic-tiles", [3]), ("nuclei-inst",), cfg)
+    tissue = PatchSet(patch_files(tmp_path / "p" / "synthetic-patches"), ("tissue-class",), cfg)
+    data = TrainingSet([gland, nuclei], tissue)
+    assert data.seg_sizes == [len(gland), len(nuclei)] and data.class_size == 9
+    s = data[(0, 5)]
+    assert s["image"].shape == (3, 96, 96) and s["has/gland-inst"] and not s["has/nuclei-inst"]
+    assert set(np.unique(s["target/gland-inst"])) <= {0, 1, 2} and s["weight/gland-inst"].min() >= 1
+    assert not s["target/nuclei-inst"].any() and not s["has/tissue-class"]
+    assert np.array_equal(data[(0, 5)]["image"], s["image"]) and not np.array_equal(data[(0, 6)]["image"], s["image"])
+    c = data[(len(data) - 1, 1)]
+    assert c["image"].shape == (3, 64, 64) and c["has/tissue-class"]
+    assert tissue.files[-1].stem == "stroma_00000" and int(c["target/tissue-class"]) == 5
+    sampler = TaskBatchSampler(data.seg_sizes, data.class_size, batch_size=4, seed=0, num_batches=5, with_seeds=True)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0)
+    model = Cerberus(cfg).train()
+    for batch in loader:
+        present = [h for h in model.head_names if batch[f"has/{h}"].any()]
+        total, _ = multitask_loss(cfg, model(batch["image"], heads=present), batch)
+        assert torch.isfinite(total)

@@ -17,11 +17,12 @@ import numpy as np
 
 
 class TaskBatchSampler:
-    """Yields lists of dataset indices; ``len()`` is ``num_batches`` per pass (an "epoch" of steps)."""
+    """Yields lists of dataset indices (or ``(index, augmentation seed)`` pairs with ``with_seeds``);
+    ``len()`` is ``num_batches`` per pass (an "epoch" of steps)."""
 
     def __init__(self, seg_sizes: list[int], class_size: int = 0, batch_size: int = 8,
                  class_batch_size: int | None = None, p_seg: float = 0.7, mix: bool = True, seed: int = 0,
-                 rank: int = 0, num_batches: int = 1000):
+                 rank: int = 0, num_batches: int = 1000, with_seeds: bool = False):
         if not seg_sizes and not class_size:
             raise ValueError("no data: give at least one segmentation or classification dataset")
         if any(n < 1 for n in seg_sizes):
@@ -32,6 +33,7 @@ class TaskBatchSampler:
         self.batch_size, self.class_batch_size = batch_size, class_batch_size or batch_size
         self.p_seg = p_seg if seg_sizes and class_size else (1.0 if seg_sizes else 0.0)
         self.mix, self.seed, self.rank, self.num_batches = mix, seed, rank, num_batches
+        self.with_seeds = with_seeds
         self.offsets = np.cumsum([0] + self.seg_sizes).tolist()
         self.step = 0
         self.seg_batches = 0
@@ -64,7 +66,11 @@ class TaskBatchSampler:
 
     def __iter__(self):
         for _ in range(self.num_batches):
-            yield self.next_batch()
+            batch = self.next_batch()
+            if self.with_seeds:  # an augmentation seed per drawn sample: (index, seed) keys
+                seeds = np.random.default_rng([self.seed, self.rank, 2 * 10**6, self.step]).integers(0, 2**31, len(batch))
+                batch = list(zip(batch, seeds.tolist(), strict=True))
+            yield batch
 
     def __len__(self) -> int:
         return self.num_batches
