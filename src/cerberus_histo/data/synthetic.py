@@ -427,22 +427,25 @@ def _sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
 
 
+TILE_TASKS = ("gland", "lumen", "nuclei", "tissue")
+
+
 def write_tiles(out: str | Path, n: int, size: int = 448, seed: int = 0, num_splits: int = 3,
-                progress: bool = True) -> DatasetSpec:
-    """Write ``n`` tiles in the common dataset layout (images, gland/lumen/nuclei/tissue labels, splits,
-    dataset.yaml). ``dataset.yaml`` is written last, so an interrupted run leaves no complete-looking dataset;
-    a re-run rewrites identical files."""
+                progress: bool = True, tasks: tuple[str, ...] = TILE_TASKS, name: str = "synthetic-tiles") -> DatasetSpec:
+    """Write ``n`` tiles in the common dataset layout (images, labels of ``tasks`` among gland/lumen/nuclei/
+    tissue, splits, dataset.yaml). A subset of ``tasks`` makes a partly-labelled dataset, as real sources are.
+    ``dataset.yaml`` is written last, so an interrupted run leaves no complete-looking dataset; a re-run
+    rewrites identical files."""
     out = Path(out)
     _check_counts(n, size)
+    unknown = sorted(set(tasks) - set(TILE_TASKS))
+    if not tasks or unknown:
+        raise CerberusError(f"synthetic tiles label some of {', '.join(TILE_TASKS)}; got {', '.join(tasks) or 'none'}")
+    kinds = {"gland": ("inst", "type"), "lumen": ("inst",), "nuclei": ("inst", "type"), "tissue": ("class_map",)}
     spec = DatasetSpec(
-        name="synthetic-tiles", root=out, mpp=MPP, num_splits=num_splits,
-        description=f"cerberus synth tiles --n {n} --size {size} --seed {seed}",
-        annotations=(
-            AnnotationSpec("gland", ("inst", "type"), dir="labels/gland"),
-            AnnotationSpec("lumen", ("inst",), dir="labels/lumen"),
-            AnnotationSpec("nuclei", ("inst", "type"), dir="labels/nuclei"),
-            AnnotationSpec("tissue", ("class_map",), dir="labels/tissue"),
-        ),
+        name=name, root=out, mpp=MPP, num_splits=num_splits,
+        description=f"cerberus synth tiles --n {n} --size {size} --seed {seed} --tasks {','.join(tasks)}",
+        annotations=tuple(AnnotationSpec(t, kinds[t], dir=f"labels/{t}") for t in TILE_TASKS if t in tasks),
     )
     splits = {}
     for i in tqdm(range(n), desc="synth tiles", unit="tile", disable=None if progress else True):
@@ -452,10 +455,13 @@ def write_tiles(out: str | Path, n: int, size: int = 448, seed: int = 0, num_spl
         for task, inst, classes in (("gland", tile.gland_inst, tile.gland_class),
                                     ("lumen", tile.lumen_inst, tile.lumen_parent),
                                     ("nuclei", tile.nuclei_inst, tile.nuclei_class)):
+            if task not in tasks:
+                continue
             ids = np.asarray(sorted(classes), np.int32)
             cls = None if task == "lumen" else np.asarray([classes[k] for k in ids], np.int32)
             write_label(spec.label_path(name, task), Annotation(inst_map=inst, ids=ids, classes=cls))
-        write_label(spec.label_path(name, "tissue"), Annotation(class_map=tile.tissue))
+        if "tissue" in tasks:
+            write_label(spec.label_path(name, "tissue"), Annotation(class_map=tile.tissue))
         splits[name] = i % num_splits + 1
     write_splits(out / spec.split_csv, splits)
     spec.save()

@@ -154,17 +154,19 @@ def resnet50(stem_stride: int = 1) -> ResNetEncoder:
 
 
 class TinyEncoder(Encoder):
-    """Five conv-BN-ReLU stages (8, 8, 16, 16, 32 channels), each after the first halving the resolution."""
+    """Five stages of ``depth`` conv-BN-ReLU layers (default 8, 8, 16, 16, 32 channels), each stage after the
+    first halving the resolution."""
 
-    def __init__(self, stem_stride: int = 1, channels=(8, 8, 16, 16, 32)):
+    def __init__(self, stem_stride: int = 1, channels=(8, 8, 16, 16, 32), depth: int = 1):
         super().__init__()
         stages, cin = [], 3
         for i, cout in enumerate(channels):
             stride = stem_stride if i == 0 else 2
-            stages.append(nn.Sequential(
-                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-            ))
+            layers = []
+            for j in range(depth):
+                layers += [nn.Conv2d(cin if j == 0 else cout, cout, 3, stride=stride if j == 0 else 1, padding=1,
+                                     bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            stages.append(nn.Sequential(*layers))
             cin = cout
         self.stages = nn.ModuleList(stages)
         self.channels = tuple(channels)
@@ -181,6 +183,12 @@ class TinyEncoder(Encoder):
 @register_encoder("tiny", (8, 8, 16, 16, 32), False, "narrow 5-stage CNN for tests and quick demos (no ImageNet weights)")
 def tiny(stem_stride: int = 1) -> TinyEncoder:
     return TinyEncoder(stem_stride)
+
+
+@register_encoder("small", (16, 32, 48, 64, 128), False,
+                  "narrow CNN (two convs per stage) that learns the synthetic data in CPU minutes (no ImageNet weights)")
+def small(stem_stride: int = 1) -> TinyEncoder:
+    return TinyEncoder(stem_stride, (16, 32, 48, 64, 128), depth=2)
 
 
 def imagenet_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -85,6 +85,8 @@ class PatchSet:
                     label, weight = np.zeros(hw, np.uint8), np.ones(hw, np.float32)
                 out[f"target/{name}"] = label.astype(np.int64)
                 out[f"weight/{name}"] = weight
+                if not self.train:  # the instances themselves, for validation PQ
+                    out[f"inst/{name}"] = inst.astype(np.int32) if has else np.zeros(hw, np.int32)
             else:
                 out[f"target/{name}"] = maps[name].astype(np.int64) if has else np.zeros(hw, np.int64)
             out[f"has/{name}"] = np.bool_(has)

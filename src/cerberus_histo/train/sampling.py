@@ -7,7 +7,9 @@ classification samples never share a batch with 448-px segmentation samples. A s
 from one dataset, taking the datasets in turn). Every dataset is read through its own reshuffled stream, so
 smaller datasets are cycled.
 
-The sampler is deterministic given ``seed`` and ``rank`` and keeps its position in a small state dict, so a
+The super-task of step ``t`` is the same on every rank (so all ranks of a distributed run train the same
+heads at each step); the samples differ by rank. The sampler is deterministic given ``seed`` and ``rank``
+and keeps its position in a small state dict, so a
 resumed run draws exactly the batches the interrupted run would have drawn. No torch needed.
 """
 
@@ -38,6 +40,7 @@ class TaskBatchSampler:
         self.step = 0
         self.seg_batches = 0
         self.drawn = [0] * (len(self.seg_sizes) + (1 if class_size else 0))
+        self._perms: dict[int, tuple] = {}
 
     # ---- streams -------------------------------------------------------------------------------------
     def _sizes(self) -> list[int]:
@@ -48,11 +51,15 @@ class TaskBatchSampler:
         size = self._sizes()[d]
         k = self.drawn[d]
         self.drawn[d] += 1
-        perm = np.random.default_rng([self.seed, self.rank, d, k // size]).permutation(size)
+        key = (d, k // size)
+        perm = self._perms.get(d)
+        if perm is None or perm[0] != key:  # one permutation per pass over the dataset, cached
+            perm = self._perms[d] = (key, np.random.default_rng([self.seed, self.rank, d, k // size]).permutation(size))
+        perm = perm[1]
         return int(perm[k % size] + (self.offsets[d] if d < len(self.seg_sizes) else self.offsets[-1]))
 
     def next_batch(self) -> list[int]:
-        coin = np.random.default_rng([self.seed, self.rank, 10**6, self.step]).random()
+        coin = np.random.default_rng([self.seed, 10**6, self.step]).random()  # the same on every rank
         self.step += 1
         if coin >= self.p_seg:  # classification super-task
             return [self._draw(len(self.seg_sizes)) for _ in range(self.class_batch_size)]
@@ -78,6 +85,15 @@ class TaskBatchSampler:
     # ---- exact resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "seg_batches": self.seg_batches, "drawn": list(self.drawn)}
+
+    def state_at(self, step: int) -> dict:
+        """The state after ``step`` batches, by replaying the draws (cheap: no data is read). A run's
+        checkpoint stores this for its global step, since a data loader may have drawn batches ahead."""
+        replay = TaskBatchSampler(self.seg_sizes, self.class_size, self.batch_size, self.class_batch_size,
+                                  self.p_seg, self.mix, self.seed, self.rank)
+        for _ in range(step):
+            replay.next_batch()
+        return replay.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["drawn"]) != len(self.drawn):

@@ -1,0 +1,149 @@
+"""The data side of a training run: which folders feed which heads, folds, and the Lightning data module.
+
+A *source* is one dataset folder and the heads it labels, for example the nuclei patches labelling
+``nuclei-inst`` and ``nuclei-type``. A folder is either the output of ``cerberus extract-patches`` (``.npz``
+files under ``split_k/`` folders) or a dataset folder (``dataset.yaml``), whose patches are then extracted
+into the run folder first. With ``fold = k`` the samples of split ``k`` validate and the other splits train
+(the original trained on one split only); ``fold = 0`` trains on everything and skips validation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, default_collate
+
+from ..config import ModelConfig
+from ..errors import CerberusError
+from .config import TrainConfig
+from .data import PatchSet, TrainingSet, patch_files
+from .sampling import TaskBatchSampler
+
+_SPLIT = re.compile(r"^split_(\d+)$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset folder and the heads (``"gland-inst"``, ...) whose labels it provides."""
+
+    folder: Path
+    heads: tuple[str, ...]
+
+
+def resolve_folder(source: Source, config: ModelConfig, work_dir: Path, progress: bool = True) -> Path:
+    """The patch folder of a source, extracting the patches of a dataset folder into ``work_dir`` first."""
+    folder = Path(source.folder)
+    if not folder.is_dir():
+        raise CerberusError(f"{folder}: data folder not found")
+    if (folder / "dataset.yaml").is_file():
+        from ..data.dataset import load_dataset
+        from ..data.patches import extract_patches
+
+        size = config.patch_shape
+        win = 2 * size + 100  # the original's 996 for 448: room for rotation and scaling before the centre crop
+        report = extract_patches(folder, work_dir / "patches", win, size, "mirror", progress)
+        if report.patches == 0 and report.skipped_images == 0:
+            raise CerberusError(f"{folder}: no patches could be extracted (no labelled tissue?)")
+        return work_dir / "patches" / load_dataset(folder).name
+    return folder
+
+
+def splits_of(folder: Path) -> list[int]:
+    return sorted({int(m.group(1)) for p in folder.rglob("split_*") if p.is_dir() and (m := _SPLIT.match(p.name))})
+
+
+def fold_files(folder: Path, fold: int) -> tuple[list[Path], list[Path]]:
+    """Training and validation patch files of ``folder`` for ``fold`` (see the module docstring)."""
+    every = patch_files(folder)  # an empty folder is its own error
+    if fold == 0:
+        return every, []
+    splits = splits_of(folder)
+    if fold not in splits:
+        found = ", ".join(map(str, splits)) or "none"
+        raise CerberusError(f"{folder}: --fold {fold} needs a split_{fold} folder (splits found: {found}); "
+                            "use --fold 0 to train on all patches without validation")
+    train_splits = [k for k in splits if k != fold]
+    if not train_splits:
+        raise CerberusError(f"{folder}: only split {fold} exists, nothing left to train on; use --fold 0")
+    return patch_files(folder, train_splits), patch_files(folder, [fold])
+
+
+def collate(samples: list[dict]) -> dict:
+    return default_collate(samples)
+
+
+class _ValSet:
+    """A fixed subset of a validation :class:`PatchSet` (no augmentation, seed 0)."""
+
+    def __init__(self, patches: PatchSet, indices: np.ndarray):
+        self.patches, self.indices = patches, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.patches.sample(int(self.indices[i]), 0)
+
+
+class CerberusData(L.LightningDataModule):
+    """Training batches from :class:`TaskBatchSampler` (each rank its own stream, rank in the seed) and one
+    validation loader per validation set (every rank validates the same samples)."""
+
+    def __init__(self, sources: list[tuple[Source, list[Path], list[Path]]], config: ModelConfig,
+                 train_config: TrainConfig, mix: bool = True):
+        super().__init__()
+        cfg = train_config
+        seg, cls, val = [], None, []
+        for source, train_files, val_files in sources:
+            ps = PatchSet(train_files, source.heads, config, train=True, stain_jitter=cfg.stain_jitter)
+            if ps.mode == "class":
+                if cls is not None:
+                    raise CerberusError("only one patch-classification dataset per run")
+                cls = ps
+            else:
+                seg.append(ps)
+            if val_files:
+                vs = PatchSet(val_files, source.heads, config, train=False)
+                n = min(max(1, round(len(vs) * cfg.val_fraction)), cfg.val_max_samples, len(vs))
+                idx = np.sort(np.random.default_rng(cfg.seed).choice(len(vs), n, replace=False))
+                val.append(_ValSet(vs, idx))
+        self.train_set = TrainingSet(seg, cls)
+        self.val_sets = val
+        self.train_config, self.mix = cfg, mix
+        self.sampler: TaskBatchSampler | None = None
+
+    def _make_sampler(self, rank: int = 0, num_batches: int = 1) -> TaskBatchSampler:
+        cfg = self.train_config
+        return TaskBatchSampler(self.train_set.seg_sizes, self.train_set.class_size, cfg.batch_size,
+                                cfg.class_batch, cfg.p_seg, self.mix, cfg.seed, rank, num_batches, with_seeds=True)
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        module = trainer.lightning_module
+        self.sampler = self._make_sampler(trainer.global_rank, max(1, trainer.max_steps - trainer.global_step))
+        if module.sampler_state is not None:
+            try:
+                self.sampler.load_state_dict(module.sampler_state)
+            except (KeyError, ValueError) as exc:
+                raise CerberusError(f"the checkpoint was made with other datasets ({exc}); resume with the "
+                                    "same data flags") from None
+        workers = self.train_config.num_workers
+        return DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+                          persistent_workers=workers > 0)
+
+    def val_dataloader(self):
+        cfg = self.train_config
+        loaders = []
+        for vs in self.val_sets:
+            bs = cfg.class_batch if vs.patches.mode == "class" else cfg.batch_size
+            loaders.append(DataLoader(vs, batch_size=bs, collate_fn=collate, num_workers=0))
+        return loaders
+
+    def sampler_state(self, step: int) -> dict:
+        """The sampler's state after ``step`` batches of this rank (replayed: loaders draw ahead)."""
+        sampler = self.sampler or self._make_sampler(self.trainer.global_rank if self.trainer else 0)
+        return sampler.state_at(step)
