@@ -138,11 +138,15 @@ def synth_group():
 @click.option("--size", type=int, default=448, show_default=True, help="Tile side in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--splits", "num_splits", type=int, default=3, show_default=True, help="Number of splits (folds).")
-def synth_tiles_cmd(out_dir: Path, n: int, size: int, seed: int, num_splits: int):
+@click.option("--tasks", default="gland,lumen,nuclei,tissue", show_default=True,
+              help="Labels to write (comma list); a subset makes a partly-labelled dataset.")
+def synth_tiles_cmd(out_dir: Path, n: int, size: int, seed: int, num_splits: int, tasks: str):
     """Tiles with gland, lumen and nuclei instances and classes and the tissue-class map, as a dataset folder."""
     from .data.synthetic import write_tiles
 
-    spec = write_tiles(out_dir, n, size, seed, num_splits)
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    spec = write_tiles(out_dir, n, size, seed, num_splits, tasks=names,
+                       name="synthetic-tiles" if len(names) == 4 else f"synthetic-{'-'.join(names)}")
     click.echo(f"wrote {n} tiles of {size} px and {spec.root / 'dataset.yaml'}")
 
 
@@ -180,6 +184,76 @@ def synth_slide_cmd(out_path: Path, width: int, height: int, mpp: float, seed: i
     click.echo(f"wrote {out_path} ({width} x {height} px at {mpp} um/px) and its ground truth")
 
 
+def _task_options(f):
+    """--TASK / --TASK-dir (and --TASK-type) options of `cerberus train`, defined once."""
+    for task, help_ in reversed((("gland", "gland instances (and lumina datasets are separate)"),
+                                 ("lumen", "lumen instances"), ("nuclei", "nucleus instances"),
+                                 ("pclass", "tissue-type patch classification"))):
+        if task in ("gland", "nuclei"):
+            f = click.option(f"--{task}-type", is_flag=True, help=f"Also train the {task} type head.")(f)
+        f = click.option(f"--{task}-dir", type=click.Path(path_type=Path), default=None,
+                         help=f"Patch folder (extract-patches output) or dataset folder for {task}.")(f)
+        f = click.option(f"--{task}", is_flag=True, help=f"Train {help_}.")(f)
+    return f
+
+
+@main.command("train")
+@_task_options
+@click.option("--mix-target-in-batch", "mix", is_flag=True,
+              help="Mixed-target batches (samples of every segmentation dataset in each batch).")
+@click.option("--fold", type=int, default=1, show_default=True,
+              help="Validate on split FOLD, train on the other splits; 0 trains on all without validation.")
+@click.option("--log-dir", type=click.Path(path_type=Path), required=True, help="Run folder (checkpoints, logs, model).")
+@click.option("--config", "params", type=click.Path(path_type=Path), default=None, help="params.yaml (TrainConfig).")
+@click.option("--pretrained", default="random", show_default=True,
+              help="'random', an ImageNet weights file (torchvision format) or a model folder.")
+@click.option("--subtype", type=click.Choice(["gland", "nuclei"]), default=None,
+              help="Stage 2: train only this task's type head, starting from the --pretrained model folder.")
+@click.option("--max-steps", type=int, default=None, help="Override max_steps of the params.")
+@click.option("--precision", type=click.Choice(["32", "bf16-mixed", "16-mixed"]), default=None,
+              help="Override precision of the params.")
+@click.option("--accelerator", type=click.Choice(["auto", "cpu", "gpu", "mps"]), default="auto", show_default=True)
+@click.option("--devices", default="auto", show_default=True, help="Devices per node (an integer or 'auto').")
+@click.option("--num-nodes", type=int, default=1, show_default=True)
+@click.option("--resume", default=None, is_flag=False, flag_value="last",
+              help="Continue from a checkpoint (default: LOG_DIR/checkpoints/last.ckpt).")
+def train_cmd(mix, fold, log_dir, params, pretrained, subtype, max_steps, precision, accelerator, devices,
+              num_nodes, resume, **tasks):
+    """Train one multi-task model from separately labelled datasets (see docs/training.md)."""
+    from .train.config import TrainConfig
+    from .train.datamodule import Source
+    from .train.run import train
+
+    heads_of = {"gland": "gland-inst", "lumen": "lumen-inst", "nuclei": "nuclei-inst", "pclass": "tissue-class"}
+    sources = []
+    for task, head in heads_of.items():
+        folder, on = tasks[f"{task}_dir"], tasks[task]
+        typed = tasks.get(f"{task}_type", False)
+        if (on or typed) and folder is None:
+            raise CerberusError(f"--{task}{'-type' if typed and not on else ''} needs its data: add --{task}-dir FOLDER")
+        if folder is None:
+            continue
+        heads = (head, f"{task}-type") if typed else (head,)
+        if subtype == task:
+            heads = (f"{task}-type",)
+        elif subtype:
+            continue  # stage 2 trains one type head only
+        sources.append(Source(folder, heads))
+    cfg = TrainConfig.from_yaml(params) if params else TrainConfig()
+    if max_steps is not None:
+        cfg = cfg.replace(max_steps=max_steps)
+    if precision is not None:
+        cfg = cfg.replace(precision=precision)
+    dev = int(devices) if str(devices).isdigit() else devices
+    summary = train(sources, log_dir, cfg, fold=fold, mix=mix, pretrained=pretrained, subtype=subtype,
+                    accelerator=accelerator, devices=dev, num_nodes=num_nodes, resume=resume)
+    if summary is not None:
+        val = ", ".join(f"{k} {v:.3f}" for k, v in summary["validation"].items() if not k.endswith("/dice"))
+        click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
+                   f"({summary['samples_per_second']:.1f} samples/s); validation: {val or 'none'}")
+        click.echo(f"model: {log_dir / 'model'}")
+
+
 @main.command("demo")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
               help="Folder for the demo's outputs.")
@@ -190,6 +264,45 @@ def demo_cmd(out_dir: Path, quick: bool, seed: int):
     from .demo import run_demo
 
     run_demo(out_dir, quick=quick, seed=seed)
+
+
+@main.command("infer-tile")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model folder.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help="An image (PNG, JPEG, TIFF, BMP) or a folder of images.")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
+@click.option("--mpp", type=float, default=None,
+              help="Resolution of the images (um/px); they are resampled to the model's. Default: the model's.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Network windows per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Post-processing processes, overlapped with inference (0: in this process).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Autocast precision of the network.")
+@click.option("--tta", is_flag=True, help="Average the 4 flips of every window (4x the network time).")
+@click.option("--formats", default="geojson,sqlite,npz,hovernet,overlay,csv", show_default=True,
+              help="Comma-separated output formats.")
+@click.option("--centroids-only", is_flag=True, help="GeoJSON nuclei as points (lighter in QuPath).")
+@click.option("--input-shape", type=int, default=None,
+              help="Network window side, used as given (default: 1024, shrunk for small images; original: 448).")
+@click.option("--output-shape", type=int, default=None,
+              help="Central part of each window kept (default: input shape - 304; original: 144).")
+def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, workers, precision, tta, formats,
+                   centroids_only, input_shape, output_shape):
+    """Segment and classify glands, lumina, nuclei and tissue in image tiles; re-runs skip finished images."""
+    from .infer.tiles import infer_tiles
+
+    fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+    s = infer_tiles(model_dir, input_path, output, mpp=mpp, batch_size=batch_size, device=device, workers=workers,
+                    precision=precision, tta=tta, formats=fmts, input_shape=input_shape, output_shape=output_shape,
+                    centroids_only=centroids_only)
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items())
+    click.echo(f"{len(s.done)} images done, {len(s.skipped)} already done, {len(s.failed)} failed; results in "
+               f"{s.output}" + (f"\ntime per stage: {stages}" if stages else ""))
+    if s.failed:
+        total = len(s.done) + len(s.skipped) + len(s.failed)
+        raise CerberusError(f"{len(s.failed)} of {total} images failed ({', '.join(s.failed)}); "
+                            "fix or remove them and run again (finished images are skipped)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,3 +86,17 @@ class ClassHead(nn.Sequential):
             feat = feat[..., top:top + min(n, h), left:left + min(n, w)]
         x = feat.mean(dim=(-2, -1), keepdim=True)
         return super().forward(x).flatten(1)
+
+    def dense(self, feat: torch.Tensor, cells: int | None = None) -> torch.Tensor:
+        """Dense logits ``N x C x h x w`` at the feature map's resolution: cell ``(i, j)`` is classified from the
+        average of the ``cells x cells`` cells centred on it (default ``pool_cells``, or 9 when that is ``None``),
+        i.e. as the patch of that many cells centred on the cell. Where the neighbourhood reaches past the map only
+        the cells inside are averaged. Equals :meth:`forward` on a ``cells x cells`` map at its centre cell; meant
+        for eval mode (dropout is skipped)."""
+        k = int(cells or self.pool_cells or 9)
+        h, w = feat.shape[-2:]
+        x = F.avg_pool2d(feat, k, stride=1, padding=k // 2, count_include_pad=False)[..., :h, :w]
+        for name, layer in self.named_children():
+            if name != "dropout":
+                x = layer(x)
+        return x

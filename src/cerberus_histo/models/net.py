@@ -98,6 +98,43 @@ class Cerberus(nn.Module):
                 out[name] = head(feats[:4], bottom, x.shape[-2:])
         return out
 
+    def forward_dense(self, images: torch.Tensor, heads: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Like :meth:`forward`, but ``class`` heads give dense logits ``N x C x h x w`` at the deepest feature's
+        resolution (one cell per ``encoder.strides[-1]`` pixels): each cell is classified as the patch of
+        ``class_pool_cells`` cells centred on it (:meth:`ClassHead.dense`). This is what inference uses."""
+        names = self.head_names if heads is None else tuple(heads)
+        unknown = [h for h in names if h not in self.heads]
+        if unknown:
+            raise ConfigError(f"no head(s) {unknown} in this model; heads: {', '.join(self.head_names)}")
+        x = self.normalise(images)
+        feats = self.encoder(x)
+        bottom = None
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            head = self.heads[name]
+            if isinstance(head, ClassHead):
+                cells = self.config.class_pool_cells or max(1, self.config.class_patch_shape // self.encoder.strides[4])
+                out[name] = head.dense(feats[4], cells)
+            else:
+                if bottom is None:
+                    bottom = self.bottleneck(feats[4])
+                out[name] = head(feats[:4], bottom, x.shape[-2:])
+        return out
+
+    def predict_tile(self, image, mpp: float | None = None, **options):
+        """Instances, type maps and the tissue map of one RGB image (``H x W x 3`` array; RGBA, grey and 16-bit
+        are converted with a warning) as a :class:`~cerberus_histo.infer.tiles.TilePrediction`.
+
+        ``mpp`` is the image's resolution; when it differs from the model's the image is resampled, and the
+        result's ``scale`` maps its model-resolution coordinates back to image pixels. ``options`` go to
+        :class:`~cerberus_histo.infer.engine.Predictor` (``batch_size``, ``device``, ``precision``, ``tta``,
+        ``geometry`` or ``input_shape``/``output_shape`` ...); the model is put in eval mode and moved to
+        ``device`` in place, like ``model.to``.
+        """
+        from ..infer.tiles import predict_tile
+
+        return predict_tile(self, image, mpp=mpp, **options)
+
     # ---- checkpoints (implemented in .checkpoint) ------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
         """Write ``model.yaml`` (the config) and ``weights.pt`` (the state dict) into ``folder``."""

@@ -1,0 +1,24 @@
+"""Inference: window geometry (:mod:`.tiling`), the engine (:mod:`.engine`, one path for tiles and slides),
+typed results (:mod:`.results`) and tile inference (:mod:`.tiles`).
+
+Names are imported lazily, so importing this package (as post-processing workers do) does not import torch.
+"""
+
+from __future__ import annotations
+
+_EXPORTS = {
+    "Predictor": "engine", "PRECISIONS": "engine", "TTA_FLIPS": "engine", "resolve_device": "engine",
+    "RegionPrediction": "results", "TilePrediction": "results",
+    "Geometry": "tiling", "TilePlan": "tiling", "plan_tiles": "tiling",
+    "predict_tile": "tiles", "infer_tiles": "tiles", "TileRunSummary": "tiles",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
