@@ -60,10 +60,12 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=40, help="tissue patches per class")
     ap.add_argument("--precision", default="bf16-mixed", help="32 or bf16-mixed (x1.6 on CPUs with AVX512-BF16)")
     ap.add_argument("--workers", type=int, default=1, help="data-loading processes")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 + one data worker keeps both cores busy without OpenMP contention)")
     ap.add_argument("--work", type=Path, default=None, help="folder for data and the run (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="cerberus-train-bench-"))
     t0 = time.perf_counter()
     data = make_data(work / "data", args.tiles, args.tile_size, args.per_class)
@@ -80,7 +82,7 @@ def main() -> None:
     val = summary["validation"]
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "encoder": args.encoder, "stem_stride": args.stem_stride, "patch": args.patch,
-              "batch_size": args.batch_size, "precision": args.precision, "minutes": args.minutes, "data_seconds": round(t_data, 1),
+              "batch_size": args.batch_size, "precision": args.precision, "threads": args.threads, "minutes": args.minutes, "data_seconds": round(t_data, 1),
               "steps": summary["steps"], "samples_per_second": summary["samples_per_second"], "validation": val,
               "targets_met": {k: val.get(k, 0) >= v for k, v in TARGETS.items()}, "run": str(work / "run")}
     print(json.dumps(result, indent=2))

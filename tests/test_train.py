@@ -188,3 +188,13 @@ def test_tiny_model_overfits_nuclei(tmp_path, monkeypatch):
     summary = train([Source(tmp_path / "p" / "n", ("nuclei-inst",))], tmp_path / "o", cfg, progress=False)
     assert summary["validation"]["nuclei-inst/pq"] > 0.8, summary["validation"]
     assert summary["samples_per_second"] > 0
+
+
+def test_dataset_folder_is_extracted_and_bf16_trains(tmp_path):
+    """A dataset folder (dataset.yaml) is cut into patches inside the run folder; bf16 autocast runs on CPU."""
+    spec = write_tiles(tmp_path / "nuclei", 3, 96, seed=4, tasks=("nuclei",), name="n", progress=False)
+    cfg = TrainConfig(**dict(SMALL, model={"encoder": "tiny", "patch_shape": 48}), max_steps=2, precision="bf16")
+    summary = train([Source(spec.root, ("nuclei-inst", "nuclei-type"))], tmp_path / "run", cfg, progress=False)
+    assert summary["steps"] == 2 and "nuclei-inst/pq" in summary["validation"]
+    assert list((tmp_path / "run" / "patches" / "n" / "split_1").rglob("*.npz"))
+    assert TrainConfig.from_yaml(tmp_path / "run" / "train.yaml").precision == "bf16-mixed"
