@@ -1,5 +1,6 @@
 """Inference: window geometry (:mod:`.tiling`), the engine (:mod:`.engine`, one path for tiles and slides),
-typed results (:mod:`.results`) and tile inference (:mod:`.tiles`).
+typed results (:mod:`.results`), tile inference (:mod:`.tiles`), whole slides (:mod:`.wsi`) and many slides
+(:mod:`.cohort`).
 
 Names are imported lazily, so importing this package (as post-processing workers do) does not import torch.
 """
@@ -11,6 +12,8 @@ _EXPORTS = {
     "RegionPrediction": "results", "TilePrediction": "results",
     "Geometry": "tiling", "TilePlan": "tiling", "plan_tiles": "tiling",
     "predict_tile": "tiles", "infer_tiles": "tiles", "TileRunSummary": "tiles",
+    "predict_wsi": "wsi", "predict_slide": "wsi", "make_predictor": "wsi", "WSIResult": "wsi",
+    "infer_wsi": "cohort", "CohortSummary": "cohort", "SlideStatus": "cohort",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -48,10 +48,12 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CerberusError
+from ..io.files import atomic_write_bytes
 from ..io.grid import GridReader
 from ..postproc import Instances, TaskResult, postprocess
 from .tiling import Geometry, Tile, plan_tiles
 
+MASK_MPP, MASK_MAX_SIDE = 8.0, 2048  # computed tissue masks: 8 um/px, at most 2048 px per side
 TISSUE_PAD_UM = 32.0  # a window (chunk) runs when its output crop grown by this much touches tissue
 CHUNKS_TABLE = ("CREATE TABLE IF NOT EXISTS cerberus_chunks (idx INTEGER PRIMARY KEY, objects INTEGER, "
                 "dropped INTEGER, windows INTEGER, cell_y INTEGER, cell_x INTEGER, cell_h INTEGER, cell_w INTEGER, "
@@ -117,10 +119,14 @@ def read_box(chunk: Chunk, geometry: Geometry) -> tuple[int, int, int, int]:
 def _first_pixel_ids(inst_map: np.ndarray, inst: Instances, origin: tuple[int, int], width: int) -> np.ndarray:
     """Slide-wide id of each instance: its first pixel in raster order, ``y * width + x + 1`` (model px)."""
     out = np.zeros(len(inst), np.int64)
-    for k, (i, box) in enumerate(zip(inst.ids, inst.bbox.astype(np.int64), strict=True)):
-        x0, y0, x1, _ = box
-        x = x0 + int(np.argmax(inst_map[y0, x0:x1] == i))
-        out[k] = (origin[1] + y0) * width + origin[0] + x + 1
+    box = inst.bbox.astype(np.int64).reshape(-1, 4)
+    for k0 in range(0, len(inst), 512):  # the first row of each instance, 512 instances at a time
+        sel = slice(k0, k0 + 512)
+        x0, y0, x1 = box[sel, 0], box[sel, 1], box[sel, 2]
+        span = int((x1 - x0).max())
+        cols = np.minimum(x0[:, None] + np.arange(span)[None, :], inst_map.shape[1] - 1)
+        hit = inst_map[y0[:, None], cols] == np.asarray(inst.ids[sel])[:, None]
+        out[sel] = (origin[1] + y0) * width + origin[0] + x0 + np.argmax(hit, axis=1) + 1
     return out
 
 
@@ -261,6 +267,23 @@ def _open_partial(path: Path, meta: dict, echo: Callable[[str], None]):
     return store
 
 
+def _open_store(final: Path, partial: Path, meta: dict, echo: Callable[[str], None]):
+    """The store to continue: a finished ``final`` store of the same run whose other outputs or marker are missing
+    (a kill after the rename), else the partial store (see :func:`_open_partial`)."""
+    from ..io.store import AnnotationStore
+
+    if final.is_file() and not partial.exists():
+        try:
+            store = AnnotationStore(final)
+            if store.metadata.get("cerberus_run") == meta["cerberus_run"]:
+                return store
+            store.close()
+        except CerberusError:
+            pass
+        final.unlink()
+    return _open_partial(partial, meta, echo)
+
+
 def _class_map(con, shape: tuple[int, int]) -> np.ndarray | None:
     """The tissue-class cells of every committed chunk, pasted into one ``uint8`` map (None without a tissue head)."""
     out = np.zeros(shape, np.uint8)
@@ -284,7 +307,8 @@ def _mask_cells(mask: np.ndarray, mask_mpp: float, shape: tuple[int, int], cell_
 
 
 def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, stem: str | None = None,
-                  mpp: float | None = None, mask: str | Path | None = None, chunk_size: int = 4096,
+                  mpp: float | None = None, mask: str | Path | Callable[[], Path | None] | None = None,
+                  chunk_size: int = 4096,
                   margin_um: float = 256.0, centroids_only: bool = False, postproc_workers: int = 1,
                   read_threads: int = 2, model_id: str = "", metadata: dict | None = None, progress: bool = True,
                   echo: Callable[[str], None] = _echo, on_commit: Callable[[int], None] | None = None) -> WSIResult:
@@ -296,7 +320,8 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
             ``geometry`` and ``predict_region(reader, region, keep=...)``.
         config: the model's :class:`~cerberus_histo.config.ModelConfig` (class names and colours).
         slide: the slide file; ``mpp`` overrides its metadata's resolution.
-        mask: a tissue mask image of the slide (any size); default: computed (:func:`~..io.tissue.tissue_mask`).
+        mask: a tissue mask image of the slide (any size), or a function giving its path once the slide has
+            opened; default (None): computed (:func:`~cerberus_histo.io.tissue.tissue_mask`).
         chunk_size: chunk side in model pixels (rounded up to whole windows); memory grows with its square.
         margin_um: context around each chunk (rounded up to whole windows); objects larger than this from their
             centroid are cut and dropped (counted in the metadata).
@@ -304,10 +329,8 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
         model_id: identifies the weights, so a partial result of other weights is never resumed.
         on_commit: called with each chunk's index after its records are committed (tests interrupt runs here).
     """
-    from tqdm import tqdm
 
     from ..io.slides import open_slide
-    from ..io.store import AnnotationStore
     from ..io.tissue import load_mask, mask_tiles, save_mask, tissue_mask
     from .tiles import check_output
 
@@ -342,9 +365,15 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
         scale = predictor.mpp / slide_mpp  # level-0 px per model px
         width, height = (max(1, round(v / scale)) for v in reader.dimensions)
         t0 = time.perf_counter()
+        if callable(mask):
+            mask = mask()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tmask, mask_mpp = load_mask(mask, reader) if mask is not None else tissue_mask(reader)
+            if mask is not None:
+                tmask, mask_mpp = load_mask(mask, reader)
+            else:  # 8 um/px, coarser for slides over MASK_MAX_SIDE mask pixels: bounded memory
+                side_um = max(reader.dimensions) * slide_mpp
+                tmask, mask_mpp = tissue_mask(reader, max(MASK_MPP, side_um / MASK_MAX_SIDE))
         for w in caught:
             echo(f"warning: {w.message}")
         save_mask(paths["mask"], tmask)
@@ -354,29 +383,19 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
                            c.core[3] * scale + pad) for c in chunks], np.float64).reshape(-1, 4)
         tissue_chunks = [c for c, k in zip(chunks, mask_tiles(tmask, mask_mpp, boxes, slide_mpp), strict=True) if k]
         timings["mask"] = time.perf_counter() - t0
-        chunk_px = chunks[0].core[2] - chunks[0].core[0] if len(chunks) > 1 else max(1, math.ceil(
-            chunk_size / out_side)) * out_side
+        chunk_px = max(1, math.ceil(chunk_size / out_side)) * out_side  # as plan_chunks rounds them
         margin_px = math.ceil(margin_um / predictor.mpp / out_side) * out_side
         run = {"model": config.to_dict(), "model_id": model_id, "slide": slide.name, "size": list(reader.dimensions),
                "mpp": slide_mpp, "processing_mpp": predictor.mpp, "window": [geometry.input_shape, out_side],
-               "chunks": len(chunks), "chunk": chunk_px, "margin_um": margin_um, "mask": hashlib.sha1(np.packbits(tmask).tobytes()).hexdigest(),
+               "chunks": len(chunks), "chunk": chunk_px, "margin_um": margin_um,
+               "mask": hashlib.sha1(np.packbits(tmask).tobytes()).hexdigest(),
                "tta": bool(getattr(predictor, "tta", False)), "precision": getattr(predictor, "precision", "")}
+        run = json.loads(json.dumps(run))  # as the store gives it back (lists, not tuples)
         meta = {"slide": slide.name, "mpp": slide_mpp, "processing_mpp": predictor.mpp, "scale": scale,
                 "offset": [0.0, 0.0], "level0_dimensions": list(reader.dimensions),
                 "software": {"cerberus_histo": __version__}, "model": config.to_dict(), "cerberus_run": run}
         partial = output / f"{stem}.db.partial"
-        if paths["store"].is_file() and not partial.exists():  # finished before its outputs or marker
-            try:
-                store = AnnotationStore(paths["store"])
-                if store.metadata.get("cerberus_run") != run:
-                    store.close()
-                    store = None
-            except CerberusError:
-                store = None
-            if store is None:
-                paths["store"].unlink()
-        if store is None:
-            store = _open_partial(partial, meta, echo)
+        store = _open_store(paths["store"], partial, meta, echo)
         con = store.connection
         done_before = {int(r[0]) for r in con.execute("SELECT idx FROM cerberus_chunks")}
         todo = [c for c in tissue_chunks if c.index not in done_before]
@@ -387,86 +406,12 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
             from concurrent.futures import ProcessPoolExecutor
 
             pool = ProcessPoolExecutor(postproc_workers, mp_context=multiprocessing.get_context("spawn"))
-        bar = tqdm(total=len(tissue_chunks), initial=len(tissue_chunks) - len(todo), unit="chunk", desc=stem,
-                   disable=not progress, leave=False, file=sys.stderr)
-        pending: deque = deque()
-        windows_run = 0
-
-        def commit(item, windows: int) -> None:
-            res = item.result() if isinstance(item, Future) else item
-            t1 = time.perf_counter()
-            cells, (cy, cx) = res["cells"], res["cell_origin"]
-            blob = None if cells is None else zlib.compress(cells.tobytes(), 6)
-            h, w = (0, 0) if cells is None else cells.shape
-            n = sum(len(r) for r in res["records"].values())
-            store.append(res["records"], extra=[(
-                "INSERT INTO cerberus_chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (res["index"], n, res["dropped"], windows, cy, cx, h, w, blob))])
-            timings["write"] += time.perf_counter() - t1
-            timings["postprocess"] += res["seconds"]
-            bar.update()
-            if on_commit is not None:
-                on_commit(res["index"])
-
-        try:
-            if todo:
-                grid.prefetch(read_box(todo[0], geometry))
-            for i, chunk in enumerate(todo):
-                if i + 1 < len(todo):
-                    grid.prefetch(read_box(todo[i + 1], geometry))
-                keep = window_keeper(tmask, mask_mpp, slide_mpp, scale, chunk.ext[:2], out_side, pad)
-                pred = predictor.predict_region(grid, chunk.region, keep=keep)
-                grid.release(read_box(chunk, geometry))
-                timings["infer"] += pred.timings.get("forward", 0.0) + pred.timings.get("stitch", 0.0)
-                timings["forward"] += pred.timings.get("forward", 0.0)
-                windows_run += pred.windows
-                job = {"chunk": chunk, "probs": pred.probs, "mpp": predictor.mpp, "cell": cell,
-                       "size": (width, height), "slide_mpp": slide_mpp, "config": config}
-                if pool is None:
-                    commit(finish_chunk(job), pred.windows)
-                else:
-                    pending.append((pool.submit(finish_chunk, job), pred.windows))
-                    del job, pred  # the worker has its copy; bound what this process holds
-                    while len(pending) > postproc_workers:
-                        commit(*pending.popleft())
-            while pending:
-                commit(*pending.popleft())
-        finally:
-            bar.close()
+        windows_run = _run_chunks(predictor, config, grid, store, pool, postproc_workers, todo, len(tissue_chunks),
+                                  stem, tmask, mask_mpp, (width, height), timings, progress, on_commit)
         t_loop = time.perf_counter()
 
-        # ---- outputs ---------------------------------------------------------------------------------
-        from ..io.export import annotation_records
-        from ..io.slide_outputs import (
-            render_thumbnail,
-            summarize_store,
-            write_geojson_from_store,
-            write_png,
-            write_summary,
-        )
-
-        cshape = (math.ceil(height / cell), math.ceil(width / cell))
-        class_map = _class_map(con, cshape)
-        if class_map is not None:
-            class_map[~_mask_cells(tmask, mask_mpp, cshape, cell * scale, slide_mpp)] = 0
-        state = store.metadata.get("cerberus_state")
-        if state != "complete":
-            extra = [("REPLACE INTO metadata (key, value) VALUES (?, ?)", ("cerberus_state", json.dumps("complete")))]
-            tissue = {}
-            if class_map is not None and any(t.name == "tissue" for t in config.tasks):
-                tissue = annotation_records({"tissue": TaskResult(class_map=class_map)}, config, slide_mpp, scale,
-                                            (0.0, 0.0), (cshape[0] * cell, cshape[1] * cell))
-            store.append(tissue, extra=extra)
-        write_geojson_from_store(paths["geojson"], con, config, centroids_only)
-        summary = summarize_store(con, config, class_map, cell * scale, slide_mpp,
-                                  float(tmask.sum()) * mask_mpp ** 2)
-        write_summary(paths["summary_json"], paths["summary_csv"], summary)
-        if class_map is not None:
-            write_png(paths["tissue"], class_map)
-        thumb_mpp = max(slide_mpp, max(reader.dimensions) * slide_mpp / 2048)
-        thumb = reader.thumbnail(thumb_mpp)
-        write_png(paths["thumbnail"], render_thumbnail(thumb, thumb.shape[1] / reader.dimensions[0], con, config,
-                                                       class_map, cell * scale))
+        summary = _write_outputs(store, config, reader, paths, tmask, mask_mpp, int(predictor.cell), scale,
+                                 (height, width), centroids_only)
         stats = con.execute("SELECT COALESCE(SUM(dropped), 0), COALESCE(SUM(windows), 0) FROM cerberus_chunks"
                             ).fetchone()
         timings["outputs"] = time.perf_counter() - t_loop
@@ -488,8 +433,6 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
                 "tissue_mask": {"source": str(mask) if mask is not None else "computed", "mpp": mask_mpp},
                 "counts": summary["counts"], "software": software_versions(),
                 "timings_s": {k: round(v, 4) for k, v in timings.items()}}
-        from ..io.files import atomic_write_bytes
-
         atomic_write_bytes(paths["metadata"], json.dumps(info, indent=2).encode())
         store.close()
         store = None
@@ -512,6 +455,98 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
             store.close()
         grid.close()
         reader.close()
+
+
+def _write_outputs(store, config, reader, paths: dict[str, Path], mask: np.ndarray, mask_mpp: float, cell: int,
+                   scale: float, size: tuple[int, int], centroids_only: bool) -> dict:
+    """Once every chunk is in: add the tissue-class regions (once, flagged in the same transaction), then write the
+    GeoJSON, summary, tissue-class PNG and thumbnail from the store; returns the summary."""
+    from ..io.export import annotation_records
+    from ..io.slide_outputs import render_thumbnail, summarize_store, write_geojson_from_store, write_png, write_summary
+
+    con, slide_mpp = store.connection, reader.mpp
+    cshape = (math.ceil(size[0] / cell), math.ceil(size[1] / cell))
+    class_map = _class_map(con, cshape)
+    if class_map is not None:
+        class_map[~_mask_cells(mask, mask_mpp, cshape, cell * scale, slide_mpp)] = 0
+    if store.metadata.get("cerberus_state") != "complete":
+        extra = [("REPLACE INTO metadata (key, value) VALUES (?, ?)", ("cerberus_state", json.dumps("complete")))]
+        tissue = {}
+        if class_map is not None and any(t.name == "tissue" for t in config.tasks):
+            tissue = annotation_records({"tissue": TaskResult(class_map=class_map)}, config, slide_mpp, scale,
+                                        (0.0, 0.0), (cshape[0] * cell, cshape[1] * cell))
+        store.append(tissue, extra=extra)
+    write_geojson_from_store(paths["geojson"], con, config, centroids_only)
+    summary = summarize_store(con, config, class_map, cell * scale, slide_mpp, float(mask.sum()) * mask_mpp ** 2)
+    write_summary(paths["summary_json"], paths["summary_csv"], summary)
+    if class_map is not None:
+        write_png(paths["tissue"], class_map)
+    ideal = max(slide_mpp, max(reader.dimensions) * slide_mpp / 2048)  # <= 2048 px per side
+    levels = [m for m in reader.level_mpps if m >= ideal * 0.99]
+    thumb = reader.thumbnail(min(levels) if levels else ideal)  # a pyramid level when one is that coarse
+    write_png(paths["thumbnail"], render_thumbnail(thumb, thumb.shape[1] / reader.dimensions[0], con, config,
+                                                   class_map, cell * scale))
+    return summary
+
+
+def _run_chunks(predictor, config, grid: GridReader, store, pool, workers: int, todo: list[Chunk], total: int,
+                stem: str,
+                mask: np.ndarray, mask_mpp: float, size: tuple[int, int], timings: dict[str, float], progress: bool,
+                on_commit: Callable[[int], None] | None) -> int:
+    """Predict, post-process and commit the ``todo`` chunks in order, overlapping reading (``grid``'s threads),
+    the network (here) and post-processing (``pool`` of ``workers`` processes, or here when None); returns the
+    windows run. At most ``workers`` chunks wait for post-processing while the next one is predicted."""
+    from tqdm import tqdm
+
+    geometry, out_side = predictor.geometry, int(predictor.geometry.output_shape)
+    scale = predictor.mpp / grid.mpp
+    pad = TISSUE_PAD_UM / grid.mpp
+    bar = tqdm(total=total, initial=total - len(todo), unit="chunk", desc=stem, disable=not progress, leave=False,
+               file=sys.stderr)
+    pending: deque = deque()
+    windows_run = 0
+
+    def commit(item, windows: int) -> None:
+        res = item.result() if isinstance(item, Future) else item
+        t1 = time.perf_counter()
+        cells, (cy, cx) = res["cells"], res["cell_origin"]
+        blob = None if cells is None else zlib.compress(cells.tobytes(), 6)
+        h, w = (0, 0) if cells is None else cells.shape
+        n = sum(len(r) for r in res["records"].values())
+        store.append(res["records"], extra=[("INSERT INTO cerberus_chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                             (res["index"], n, res["dropped"], windows, cy, cx, h, w, blob))])
+        timings["write"] += time.perf_counter() - t1
+        timings["postprocess"] += res["seconds"]
+        bar.update()
+        if on_commit is not None:
+            on_commit(res["index"])
+
+    try:
+        if todo:
+            grid.prefetch(read_box(todo[0], geometry))
+        for i, chunk in enumerate(todo):
+            if i + 1 < len(todo):
+                grid.prefetch(read_box(todo[i + 1], geometry))
+            keep = window_keeper(mask, mask_mpp, grid.mpp, scale, chunk.ext[:2], out_side, pad)
+            pred = predictor.predict_region(grid, chunk.region, keep=keep)
+            grid.release(read_box(chunk, geometry))
+            timings["infer"] += pred.timings.get("forward", 0.0) + pred.timings.get("stitch", 0.0)
+            timings["forward"] += pred.timings.get("forward", 0.0)
+            windows_run += pred.windows
+            job = {"chunk": chunk, "probs": pred.probs, "mpp": predictor.mpp, "cell": int(predictor.cell),
+                   "size": size, "slide_mpp": grid.mpp, "config": config}
+            if pool is None:
+                commit(finish_chunk(job), pred.windows)
+            else:
+                pending.append((pool.submit(finish_chunk, job), pred.windows))
+                del job, pred  # the worker has its copy; bound what this process holds
+                while len(pending) > workers:
+                    commit(*pending.popleft())
+        while pending:
+            commit(*pending.popleft())
+    finally:
+        bar.close()
+    return windows_run
 
 
 # ---- a model ---------------------------------------------------------------------------------------------

@@ -128,13 +128,26 @@ class AnnotationStore:
                               [(str(k), json.dumps(v)) for k, v in items.items()])
 
     @property
+    def connection(self) -> sqlite3.Connection:
+        """The open ``sqlite3`` connection: for streaming rows out, or for tables of one's own beside the
+        schema (written through :meth:`append`'s ``extra`` to stay in step with the rows)."""
+        return self._con
+
+    def set_metadata(self, items: Mapping[str, Any]) -> None:
+        """Set metadata keys (JSON-encoded values) in one transaction."""
+        with self._con:
+            self._set_metadata(items)
+
+    @property
     def metadata(self) -> dict[str, Any]:
         """Every metadata key with its JSON-decoded value."""
         return {k: json.loads(v) for k, v in self._con.execute("SELECT key, value FROM metadata")}
 
-    def append(self, records: Mapping[str, AnnotationRecords] | AnnotationRecords | Iterable) -> int:
+    def append(self, records: Mapping[str, AnnotationRecords] | AnnotationRecords | Iterable,
+               extra: Iterable[tuple[str, tuple]] = ()) -> int:
         """Add records (task -> records, one task's records, or a list of them) in one transaction; on any
-        error nothing is added. Returns the number of rows added."""
+        error nothing is added. ``extra`` = ``(sql, parameters)`` statements run in the same transaction (a
+        progress table committed together with the rows it describes). Returns the number of rows added."""
         ann, tree = [], []
         next_id = self._next_id
         for rec in _as_list(records):
@@ -146,6 +159,8 @@ class AnnotationStore:
         with self._con:  # commits on success, rolls back on error
             self._con.executemany("INSERT INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", ann)
             self._con.executemany("INSERT INTO rtree VALUES (?, ?, ?, ?, ?)", tree)
+            for sql, params in extra:
+                self._con.execute(sql, params)
         self._next_id = next_id
         return len(ann)
 

@@ -95,22 +95,48 @@ def relabel(labels: np.ndarray) -> np.ndarray:
 def nuclei_instances(interior: np.ndarray, contour: np.ndarray, mpp: float = 0.5,
                      params: NucleiParams = NucleiParams()) -> np.ndarray:
     """Nucleus instance map (int32, 0 = background) from interior and contour probabilities."""
-    from skimage.segmentation import watershed
-
     interior = np.asarray(interior, np.float32)
     fg = (interior + np.asarray(contour, np.float32)) > params.fg_threshold
     kernel = _kernel(params.erosion_um, mpp)
     if kernel is not None:
         fg = ndi.binary_erosion(fg, kernel, border_value=1)
     fg_lab, _ = ndi.label(fg)
-    fg = remove_small(fg_lab, _area_px(params.min_area_um2, mpp)) > 0
+    fg_lab = remove_small(fg_lab, _area_px(params.min_area_um2, mpp))
     markers, _ = ndi.label(interior > params.marker_threshold)
     markers = remove_small(markers, _area_px(params.min_marker_area_um2, mpp)) > 0
     markers, _ = ndi.label(ndi.binary_fill_holes(markers))
     if not markers.any():
         return np.zeros(interior.shape, np.int32)
-    inst = watershed(-interior, markers, mask=fg)
-    return relabel(inst)
+    return relabel(watershed_by_component(-interior, markers, fg_lab))
+
+
+def watershed_by_component(image: np.ndarray, markers: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """``watershed(image, markers, mask=components > 0)``, one foreground component at a time.
+
+    Where values differ the result is the same as one watershed over the whole map. Where they tie (plateaus,
+    float16 maps), scikit-image orders the seeds by their place in its heap, which depends on every seed of the
+    image; flooding each component on its own makes the result depend on the component alone, so an object is
+    segmented the same in any region that holds its whole component (what whole-slide chunks rely on).
+    Components with one seed take its id without flooding; those without seeds stay 0.
+    """
+    from skimage.segmentation import watershed
+
+    on = (markers > 0) & (components > 0)
+    if not on.any():
+        return np.zeros(markers.shape, np.int32)
+    pairs = np.unique(np.stack([components[on], markers[on]]).astype(np.int64), axis=1)  # (component, seed)
+    comp_ids, first, counts = np.unique(pairs[0], return_index=True, return_counts=True)
+    lut = np.zeros(int(components.max()) + 1, np.int32)
+    single = counts == 1
+    lut[comp_ids[single]] = pairs[1][first[single]]
+    inst = lut[components]
+    boxes = ndi.find_objects(components)
+    for k in comp_ids[~single]:
+        box = boxes[k - 1]
+        mask = components[box] == k
+        flooded = watershed(image[box], np.where(mask, markers[box], 0), mask=mask)
+        inst[box][mask] = flooded[mask]
+    return inst
 
 
 def gland_instances(interior: np.ndarray, contour: np.ndarray, mpp: float = 0.5,
@@ -123,8 +149,20 @@ def gland_instances(interior: np.ndarray, contour: np.ndarray, mpp: float = 0.5,
         return np.zeros(core.shape, np.int32)
     labels = relabel(labels)
     kernel = _kernel(params.dilation_um, mpp)
-    grown = labels if kernel is None else ndi.grey_dilation(labels, footprint=kernel)
+    grown = labels if kernel is None else max_filter(labels, kernel)
     return fill_instance_holes(grown)
+
+
+def max_filter(labels: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """``ndi.grey_dilation(labels, footprint=footprint)`` of a non-negative label map, through OpenCV's dilation
+    (about 10x faster) when the labels are exact in float32; the same values (the footprint is symmetric, so
+    scipy's reflected border adds nothing)."""
+    if labels.size and int(labels.max()) < (1 << 24) and int(labels.min()) >= 0:
+        import cv2
+
+        out = cv2.dilate(labels.astype(np.float32), footprint.astype(np.uint8))
+        return out.astype(labels.dtype)
+    return ndi.grey_dilation(labels, footprint=footprint)
 
 
 def fill_instance_holes(labels: np.ndarray) -> np.ndarray:

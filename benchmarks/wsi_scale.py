@@ -1,0 +1,196 @@
+"""Whole-slide inference at growing slide sizes: wall time, time per mm² of tissue, peak memory, overhead.
+
+For each size (level-0 pixels per side, 0.5 um/px) a synthetic pyramidal slide with tissue islands on white is
+written, then predicted by ``predict_slide`` in a **fresh subprocess** (so its peak memory is its own). Printed
+per slide: wall time, tissue area (mm², from the tissue mask), seconds per mm² of tissue, objects, peak RSS of the
+slide process (``ru_maxrss``) and of its whole process tree (sampled with psutil every 0.1 s: the process plus its
+post-processing workers), per-stage times, the device utilisation (share of the wall time the forward pass ran)
+and **end-to-end time over forward-only time for the same windows**: in the same subprocess, before and after the
+slide, the predictor's network is timed on batches of random windows of the same shape, and the time for the number
+of windows the slide ran is extrapolated from the mean. On a shared machine both sides of the ratio see the load of
+the moment; ``forward`` (the network's time inside the run) is printed too.
+
+Defaults fit a 2-core CPU in minutes: the tiny encoder (``head_channels`` 8, random weights with calibrated
+BatchNorm) at **4 um/px** (``--model-mpp``; the slides stay at 0.5 um/px, so every read is resampled), windows of
+256 px keeping 128, chunks of 1024 model px. This measures the pipeline (reading, chunking, post-processing,
+writing, memory) rather than a real network; on a GPU use ``--model-mpp 0.5 --encoder resnet34 --input-shape
+1024 --output-shape 720 --chunk-size 4096 --device cuda``.
+
+    python benchmarks/wsi_scale.py --sizes 10000,30000 --json wsi.json
+    python benchmarks/wsi_scale.py --sizes 10000,30000,60000 --device cuda --model-mpp 0.5 --encoder resnet34 \\
+        --input-shape 1024 --output-shape 720 --chunk-size 4096 --batch-size 16 --precision fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def build_model(args, folder: Path) -> Path:
+    import torch
+    from model_speed import calibrated
+
+    from cerberus_histo import Cerberus, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("original", encoder=args.encoder, head_channels=args.head_channels, mpp=args.model_mpp)
+    return calibrated(Cerberus(cfg), "cpu").save(folder / "model")
+
+
+def run_one(args) -> dict:
+    """The child: one slide, then the forward-only timing; prints one JSON line."""
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from cerberus_histo import Cerberus
+    from cerberus_histo.infer.wsi import make_predictor, predict_slide
+
+    model = Cerberus.load(args.model)
+    predictor = make_predictor(model, input_shape=args.input_shape, output_shape=args.output_shape,
+                               batch_size=args.batch_size, device=args.device, precision=args.precision)
+    g = predictor.geometry
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (args.batch_size, 3, g.input_shape, g.input_shape),
+                                                           dtype=np.uint8)).to(predictor.device)
+    crop = (g.margin, g.margin, g.margin + g.output_shape, g.margin + g.output_shape)
+
+    def seconds_per_window() -> float:
+        """The network alone (softmax and crops included, as in the pipeline) on batches of random windows."""
+        predictor._probs(x, [crop] * args.batch_size)  # warm-up
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.forward_batches):
+            predictor._probs(x, [crop] * args.batch_size)
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / (args.forward_batches * args.batch_size)
+
+    before = seconds_per_window()
+    t0 = time.perf_counter()
+    res = predict_slide(predictor, model.config, args.one, args.out, chunk_size=args.chunk_size,
+                        margin_um=args.margin_um, postproc_workers=args.postproc_workers, progress=False,
+                        echo=lambda m: print(m, file=sys.stderr))
+    wall = time.perf_counter() - t0
+    meta = json.loads(res.paths["metadata"].read_text())
+    windows = int(meta["windows"]["run"])
+    # forward-only for the same number of windows: timed before and after the slide (the mean), extrapolated
+    per_window = (before + seconds_per_window()) / 2
+    forward_only = per_window * windows
+    return {"wall_s": wall, "objects": res.objects, "windows": windows, "forward_only_s": forward_only,
+            "timings_s": meta["timings_s"], "tissue_mm2": res.summary["tissue_area_um2"] / 1e6,
+            "chunks": meta["chunks"], "dropped": meta["dropped_large_objects"],
+            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(args, slide: Path, out: Path) -> dict:
+    """Run one slide in a subprocess; sample the RSS of its process tree."""
+    import psutil
+
+    cmd = [sys.executable, __file__, "--one", str(slide), "--out", str(out), "--model", str(args.model)]
+    for key in ("device", "precision", "batch_size", "input_shape", "output_shape", "chunk_size", "margin_um",
+                "postproc_workers", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    stdout = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"slide {slide} failed (exit {proc.returncode})")
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res["peak_rss_tree_mb"] = peak / 2**20
+    return res
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10000,30000,60000", help="Slide sides in level-0 px (comma-separated).")
+    ap.add_argument("--work", type=Path, default=None, help="Folder for slides and outputs (default: a temp dir).")
+    ap.add_argument("--model", type=Path, default=None, help="A model folder (default: the tiny random model).")
+    ap.add_argument("--encoder", default="tiny")
+    ap.add_argument("--head-channels", type=int, default=8)
+    ap.add_argument("--model-mpp", type=float, default=4.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--input-shape", type=int, default=256)
+    ap.add_argument("--output-shape", type=int, default=128)
+    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--margin-um", type=float, default=256.0)
+    ap.add_argument("--postproc-workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in the slide process.")
+    ap.add_argument("--forward-batches", type=int, default=8, help="Batches timed for the forward-only figure.")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--one", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(run_one(args)))
+        return []
+
+    from model_speed import machine
+
+    from cerberus_histo.data.slide import write_synthetic_slide
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="wsi_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model is None:
+        args.model = build_model(args, work)
+    rows = []
+    print(f"machine: {machine(args.device)}; model {args.model} at {args.model_mpp} um/px, window "
+          f"{args.input_shape}/{args.output_shape}, chunk {args.chunk_size} px, margin {args.margin_um} um, "
+          f"{args.postproc_workers} post-processing worker(s)", flush=True)
+    for side in (int(s) for s in args.sizes.split(",")):
+        slide = work / f"slide_{side}.tif"
+        if not slide.exists():
+            t0 = time.perf_counter()
+            write_synthetic_slide(slide, side, side, mpp=0.5, seed=side, field=512, offset=128, n_fields=3,
+                                  progress=False)
+            print(f"wrote {slide.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+        out = work / f"out_{side}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        r = measure(args, slide, out)
+        r.update(side=side, gpx=side * side / 1e9, s_per_mm2=r["wall_s"] / max(r["tissue_mm2"], 1e-9),
+                 e2e_over_forward=r["wall_s"] / max(r["forward_only_s"], 1e-9))
+        t = r["timings_s"]
+        print(f"{side:>6}^2 px  wall {r['wall_s']:7.1f} s  tissue {r['tissue_mm2']:7.1f} mm2  "
+              f"{r['s_per_mm2']:6.3f} s/mm2  objects {r['objects']:>8}  peak RSS {r['ru_maxrss_mb']:6.0f} MB "
+              f"(tree {r['peak_rss_tree_mb']:6.0f} MB)  e2e/forward-only {r['e2e_over_forward']:5.2f}  "
+              f"device busy {t['device_utilisation']:.0%}  [read {t['read']:.1f}, forward {t['forward']:.1f}, "
+              f"post-process {t['postprocess']:.1f}, write {t['write']:.1f}, outputs {t['outputs']:.1f} s; "
+              f"chunks {r['chunks']['with_tissue']}/{r['chunks']['total']}, windows {r['windows']}]", flush=True)
+        rows.append(r)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(args.device), "args": {k: str(v) for k, v in
+                                                                               vars(args).items()}, "rows": rows},
+                                        indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    main()

@@ -1,0 +1,314 @@
+"""Many slides: ``cerberus infer-wsi``, one slide after another in this process or one slide per Dask worker.
+
+:func:`infer_wsi` expands the inputs (files, folders, glob patterns), skips slides whose completion marker
+exists, and runs :func:`run_slide` per slide: here (the model loaded once), on a :class:`~dask.distributed.
+LocalCluster` of ``workers`` processes, or on a running cluster at ``scheduler``. A slide that fails (missing,
+corrupt, no mpp, unreadable mask, out of memory...) is reported with its reason and the others go on; the
+returned :class:`CohortSummary` has one :class:`SlideStatus` per slide and renders the final table.
+
+GPUs: each worker process uses one device. On a LocalCluster with ``--device cuda`` and several GPUs, worker
+``k`` takes ``cuda:{k mod count}``; on a cluster, start one worker per GPU with ``CUDA_VISIBLE_DEVICES`` set
+(``docs/wsi.md``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import CerberusError
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".png",
+                  ".jpg", ".jpeg", ".bmp")
+_PREDICTORS: dict = {}  # per process: (model_dir, device, window, batch, precision, tta) -> (predictor, config, id)
+
+
+@dataclass(frozen=True)
+class WSIOptions:
+    """Settings of a cohort run, shipped to every worker (see :func:`infer_wsi` for their meaning)."""
+
+    model_dir: str
+    output: str
+    mpp: float | None = None
+    batch_size: int = 4
+    device: str = "cpu"
+    precision: str = "fp32"
+    tta: bool = False
+    centroids_only: bool = False
+    chunk_size: int = 4096
+    margin_um: float = 256.0
+    postproc_workers: int = 1
+    input_shape: int | None = None
+    output_shape: int | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class SlideStatus:
+    """One slide's outcome: ``status`` is ``done``, ``skipped`` (finished before) or ``failed`` (``reason``)."""
+
+    slide: str
+    status: str
+    objects: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class CohortSummary:
+    output: Path
+    rows: list[SlideStatus] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[SlideStatus]:
+        return [r for r in self.rows if r.status == "failed"]
+
+    def table(self) -> str:
+        """The per-slide status table: slide, status, objects, seconds, reason."""
+        head = ("slide", "status", "objects", "seconds", "reason")
+        body = [(r.slide, r.status, str(r.objects), f"{r.seconds:.1f}", r.reason) for r in self.rows]
+        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+        widths[-1] = 0  # the reason is last and not padded
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                         for row in (head, *body))
+
+
+def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
+    """Slide paths from files, folders (their files with a slide suffix) and glob patterns, in order, without
+    repeats. A literal path is kept even when missing (that slide then fails with its reason); a pattern or
+    folder that matches nothing, or no input at all, is an error."""
+    out: list[Path] = []
+    for pat in patterns:
+        text = str(pat)
+        if any(ch in text for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not found:
+                raise CerberusError(f"--input {text!r} matches no file; check the pattern (quote it in the shell)")
+            out.extend(found)
+        elif Path(text).is_dir():
+            found = sorted(p for p in Path(text).iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            if not found:
+                raise CerberusError(f"--input {text} holds no slides ({', '.join(SLIDE_SUFFIXES[:6])}, ...)")
+            out.extend(found)
+        else:
+            out.append(Path(text))
+    if not out:
+        raise CerberusError("no slides given; pass --input with a slide, a folder or a pattern like 'slides/*.svs'")
+    seen, unique = set(), []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def mask_for(mask: str | Path | None, slide: Path, stem: str) -> Path | None:
+    """The mask of ``slide``: ``mask`` itself when it is a file, ``{mask}/{stem}.png`` (or ``{stem}_mask.png``,
+    ``{slide name}.png``) when it is a folder; a folder without the slide's mask is an error for that slide."""
+    if mask is None:
+        return None
+    mask = Path(mask)
+    if not mask.is_dir():
+        return mask  # a missing or unreadable file is reported by the slide that uses it
+    names = (f"{stem}.png", f"{stem}_mask.png", f"{slide.name}.png")
+    for name in names:
+        if (mask / name).is_file():
+            return mask / name
+    raise CerberusError(f"no mask for {slide.name} in {mask} (looked for {', '.join(names)})")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(exc, CerberusError) else f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+def _worker_device(device: str) -> str:
+    """``cuda`` on a LocalCluster worker named ``k`` with several GPUs: ``cuda:{k mod count}``."""
+    if device != "cuda":
+        return device
+    try:
+        import torch
+        from distributed import get_worker
+
+        name, count = get_worker().name, torch.cuda.device_count()
+    except (ImportError, ValueError):
+        return device
+    return f"cuda:{int(name) % count}" if isinstance(name, int) and count > 1 else device
+
+
+def _predictor(opts: WSIOptions, device: str):
+    key = (opts.model_dir, device, opts.input_shape, opts.output_shape, opts.batch_size, opts.precision, opts.tta)
+    if key not in _PREDICTORS:
+        from ..models.net import Cerberus
+        from .wsi import make_predictor, weights_id
+
+        _PREDICTORS.clear()  # one model per process
+        model = Cerberus.load(opts.model_dir)
+        predictor = make_predictor(model, input_shape=opts.input_shape, output_shape=opts.output_shape,
+                                   batch_size=opts.batch_size, device=device, precision=opts.precision, tta=opts.tta)
+        _PREDICTORS[key] = (predictor, model.config, weights_id(model))
+    return _PREDICTORS[key]
+
+
+def run_slide(path: str | Path, stem: str, mask: str | Path | None, opts: WSIOptions,
+              echo: Callable[[str], None] | None = None) -> SlideStatus:
+    """Predict one slide (what a worker runs); any failure becomes a ``failed`` status with a one-line reason."""
+    from .wsi import predict_slide
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    try:
+        if opts.threads:
+            import torch
+
+            torch.set_num_threads(opts.threads)
+        predictor, config, model_id = _predictor(opts, _worker_device(opts.device))
+        kwargs = {} if echo is None else {"echo": echo}
+        res = predict_slide(predictor, config, path, opts.output, stem=stem, mpp=opts.mpp,
+                            mask=lambda: mask_for(mask, path, stem), chunk_size=opts.chunk_size,
+                            margin_um=opts.margin_um,
+                            centroids_only=opts.centroids_only, postproc_workers=opts.postproc_workers,
+                            model_id=model_id, progress=opts.progress,
+                            metadata={"model_dir": str(opts.model_dir), "device": str(predictor.device),
+                                      "batch_size": opts.batch_size}, **kwargs)
+    except Exception as exc:  # one slide's failure must not stop the others
+        return SlideStatus(path.name, "failed", 0, time.perf_counter() - t0, _one_line(exc))
+    return SlideStatus(path.name, "skipped" if res.skipped else "done", res.objects, time.perf_counter() - t0)
+
+
+def _echo(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, output: str | Path, *,
+              mpp: float | None = None, mask: str | Path | None = None, batch_size: int = 4, device: str = "cpu",
+              precision: str = "fp32", tta: bool = False, workers: int = 0, scheduler: str | None = None,
+              centroids_only: bool = False, chunk_size: int = 4096, margin_um: float = 256.0,
+              postproc_workers: int = 1, input_shape: int | None = None, output_shape: int | None = None,
+              progress: bool = True, echo: Callable[[str], None] = _echo) -> CohortSummary:
+    """Predict every slide of ``inputs`` with the model in ``model_dir`` into ``output``.
+
+    ``workers`` > 0 starts a Dask LocalCluster of that many processes (one slide per worker at a time);
+    ``scheduler`` (``tcp://host:8786``) uses a running cluster, whose workers must see the same paths. Without
+    either, slides run here one after another. ``mask`` is a mask image (one slide) or a folder of masks named
+    after the slides (``{stem}.png``). Problems with the options, the model or the output folder raise a
+    one-line :class:`CerberusError` before any slide; per-slide problems are rows of the summary.
+    """
+    from ..io.readers import check_mpp
+    from .tiles import check_output, output_stems
+
+    if mpp is not None:
+        mpp = check_mpp(mpp, "--mpp")
+    if not isinstance(workers, int) or workers < 0:
+        raise CerberusError(f"--workers must be 0 (this process) or a number of Dask worker processes, got {workers!r}")
+    if workers and scheduler:
+        raise CerberusError("pass --workers (start a local Dask cluster) or --scheduler (use a running one), not both")
+    if not isinstance(chunk_size, int) or chunk_size < 64:
+        raise CerberusError(f"--chunk-size must be at least 64 model pixels (e.g. 4096), got {chunk_size!r}")
+    if not margin_um > 0:
+        raise CerberusError(f"--margin-um must be > 0 (context around each chunk, e.g. 256), got {margin_um}")
+    if not isinstance(postproc_workers, int) or postproc_workers < 0:
+        raise CerberusError(f"--postproc-workers must be 0 or more, got {postproc_workers!r}")
+    slides = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
+    if mask is not None and not Path(mask).is_dir() and len(slides) > 1:
+        raise CerberusError(f"--mask {mask} is one file but there are {len(slides)} slides; pass a folder of masks "
+                            "named after the slides ({stem}.png)")
+    output = check_output(Path(output))
+    here = "cpu" if workers or scheduler else device  # fail early on a bad model or options, before any slide
+    _predictor(WSIOptions(str(model_dir), str(output), input_shape=input_shape, output_shape=output_shape,
+                          batch_size=batch_size, precision=precision, tta=tta, device=here), here)
+    stems = output_stems(slides)
+    opts = WSIOptions(str(model_dir), str(output), mpp, batch_size, device, precision, tta, centroids_only,
+                      chunk_size, margin_um, postproc_workers, input_shape, output_shape, None,
+                      progress and not (workers or scheduler))
+    from tqdm import tqdm
+
+    from .wsi import output_paths
+
+    summary = CohortSummary(output)
+    rows: dict[Path, SlideStatus] = {}
+    todo = []
+    for p in slides:
+        if output_paths(output, stems[p])["marker"].is_file():
+            rows[p] = SlideStatus(p.name, "skipped", _marker_objects(output_paths(output, stems[p])["marker"]))
+        else:
+            todo.append(p)
+    bar = tqdm(total=len(slides), initial=len(slides) - len(todo), unit="slide", desc="infer-wsi",
+               disable=not progress, file=sys.stderr)
+
+    def record(p: Path, status: SlideStatus) -> None:
+        rows[p] = status
+        if status.status == "failed":
+            echo(f"failed: {status.slide}: {status.reason}")
+        bar.update()
+
+    try:
+        if todo and (workers or scheduler):
+            _run_dask(todo, stems, mask, opts, workers, scheduler, record)
+        else:
+            for p in todo:
+                record(p, run_slide(p, stems[p], mask, opts, echo))
+    finally:
+        bar.close()
+    summary.rows = [rows[p] for p in slides]
+    return summary
+
+
+def _marker_objects(marker: Path) -> int:
+    import json
+
+    try:
+        counts = json.loads(marker.read_text()).get("counts", {})
+        return int(sum(v for k, v in counts.items() if k != "tissue"))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _run_dask(slides: list[Path], stems: dict, mask, opts: WSIOptions, workers: int, scheduler: str | None,
+              record: Callable[[Path, SlideStatus], None]) -> None:
+    """One slide per Dask task, on a LocalCluster of ``workers`` processes or the cluster at ``scheduler``."""
+    import dask
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    try:
+        if scheduler:
+            try:
+                client = Client(scheduler, timeout="20s")
+            except (OSError, TimeoutError) as exc:
+                raise CerberusError(f"cannot reach the Dask scheduler at {scheduler} ({_one_line(exc)}); start it "
+                                    "with `dask scheduler` and check the address") from None
+        else:
+            opts = replace(opts, threads=max(1, (os.cpu_count() or 1) // workers))
+            # non-daemonic workers may start post-processing processes of their own
+            with dask.config.set({"distributed.worker.daemon": False}):
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=40)
+            client = Client(cluster)
+        with client:
+            futures = {client.submit(run_slide, str(p), stems[p], None if mask is None else str(mask), opts,
+                                     pure=False, retries=0, key=f"slide-{i}-{stems[p]}"): p
+                       for i, p in enumerate(slides)}
+            for fut in as_completed(futures):
+                p = futures[fut]
+                try:
+                    status = fut.result()
+                except Exception as exc:  # the worker died (out of memory, killed) while on this slide
+                    status = SlideStatus(p.name, "failed", 0, 0.0, f"worker lost: {_one_line(exc)}")
+                record(p, status)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+__all__ = ["CohortSummary", "SLIDE_SUFFIXES", "SlideStatus", "WSIOptions", "expand_inputs", "infer_wsi", "mask_for",
+           "run_slide"]
