@@ -198,3 +198,10 @@ def test_dataset_folder_is_extracted_and_bf16_trains(tmp_path):
     assert summary["steps"] == 2 and "nuclei-inst/pq" in summary["validation"]
     assert list((tmp_path / "run" / "patches" / "n" / "split_1").rglob("*.npz"))
     assert TrainConfig.from_yaml(tmp_path / "run" / "train.yaml").precision == "bf16-mixed"
+
+
+def test_fold0_trains_without_validation_under_a_time_cap(data, tmp_path):
+    cfg = TrainConfig(**SMALL, max_steps=2, max_minutes=5)
+    summary = train([Source(data["nuclei"], ("nuclei-inst",))], tmp_path / "r", cfg, fold=0, progress=False)
+    assert summary["steps"] == 2 and summary["validation"] == {}
+    assert (tmp_path / "r" / "model" / "weights.pt").is_file() and not (tmp_path / "r" / "model-best").exists()

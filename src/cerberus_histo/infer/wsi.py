@@ -559,7 +559,7 @@ def make_predictor(model, *, input_shape: int | None = None, output_shape: int |
 
     cell = int(model.encoder.strides[-1])
     i = int(input_shape or 1024)
-    o = int(output_shape if output_shape is not None else i - 304)
+    o = int(output_shape if output_shape is not None else (i - 304) // cell * cell)
     if o % cell:
         raise CerberusError(f"--output-shape ({o}) must be a multiple of the encoder stride ({cell}) for whole "
                             f"slides; e.g. {max(cell, o // cell * cell)}")

@@ -176,9 +176,11 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
     callbacks = [ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="step-{step:06d}", monitor="step",
                                  mode="max", save_top_k=3, every_n_train_steps=cfg.checkpoint_interval,
                                  save_last=True, auto_insert_metric_name=False)]
+    best = None
     if validate:
-        callbacks.append(ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="best", monitor="val/score",
-                                         mode="max", save_top_k=1, auto_insert_metric_name=False))
+        best = ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="best", monitor="val/score", mode="max",
+                               save_top_k=1, auto_insert_metric_name=False)
+        callbacks.append(best)
     start_step = _checkpoint_step(ckpt)
     csv_version = f"from-step-{start_step:06d}" if start_step else ""  # a resumed run keeps the earlier rows
     trainer = L.Trainer(
@@ -204,7 +206,7 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
                "initialisation": origin, "trained_heads": list(trainable or heads), "fold": fold,
                "validation": {k: round(v, 4) for k, v in module.last_validation.items()}}
     if trainer.is_global_zero:
-        _write_models(log_dir, model, cfg, callbacks, summary)
+        _write_models(log_dir, model, cfg, best, summary)
         atomic_write_bytes(log_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary if trainer.is_global_zero else None
 
@@ -229,7 +231,7 @@ def _checkpoint_step(ckpt: str | None) -> int:
         raise CerberusError(f"{ckpt} is not a readable training checkpoint ({type(exc).__name__})") from None
 
 
-def _write_models(log_dir: Path, model, cfg: TrainConfig, callbacks, summary: dict) -> None:
+def _write_models(log_dir: Path, model, cfg: TrainConfig, best, summary: dict) -> None:
     import torch
 
     from ..models.net import Cerberus
@@ -238,12 +240,11 @@ def _write_models(log_dir: Path, model, cfg: TrainConfig, callbacks, summary: di
                         "initialisation": summary["initialisation"], "trained_heads": ", ".join(summary["trained_heads"])}
     model.save(log_dir / "model")
     cfg.save(log_dir / "model" / "train.yaml")
-    best = callbacks[1].best_model_path if len(callbacks) > 1 else ""
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    if best is not None and best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         best_model = Cerberus(model.config)
         best_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-        score = callbacks[1].best_model_score
+        score = best.best_model_score
         best_model.provenance = dict(model.provenance, best_val_score=round(float(score), 4) if score is not None else None)
         best_model.save(log_dir / "model-best")
         cfg.save(log_dir / "model-best" / "train.yaml")
