@@ -1,12 +1,42 @@
 #!/usr/bin/env bash
-# One prepared script for a GPU machine (a few minutes): model throughput in fp32/bf16/fp16/channels_last at
-# batch 1 and 16, and the torchvision parity check. Needs torch (CUDA), numpy, click, pyyaml, tqdm.
-# Writes JSON results to ${OUT:-.}/. Usage: bash benchmarks/gpu.sh
+# One prepared script for a CUDA machine, at most ~8 minutes: model throughput (fp32, TF32, fp16, bf16,
+# channels_last; batch 1 and 16), tile throughput (2048-px tile, bf16) and whole-slide throughput (ResNet-34 at
+# 0.5 um/px on 16000^2 and 32000^2 synthetic slides, bf16), with the GPU's utilisation sampled by nvidia-smi and
+# the torchvision parity check. The printed results, with the card's name, go into $OUT/benchmarks-gpu.md; bring
+# them into docs/benchmarks.md with
+#
+#     python benchmarks/run_all.py --merge path/to/benchmarks-gpu.md
+#
+# Usage: [OUT=dir] [PYTHON=python3] [WHEELS=dir] bash benchmarks/gpu.sh
+#
+# Needs torch with CUDA and the package's dependencies. The package itself runs from src/ (no install). A machine
+# without internet that lacks some dependencies can install them from wheels prepared elsewhere:
+#     pip download -d .wheels --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#         imagecodecs openslide-python openslide-bin tiffslide shapely 'dask[distributed]' albumentations
+# and WHEELS=.wheels (they are installed with --no-index; what is already there is kept).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.}
-export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+start=$(date +%s)
+
+if [ -n "${WHEELS:-}" ]; then
+  "$py" -m pip install -q --no-index --find-links "$WHEELS" imagecodecs openslide-python openslide-bin tiffslide \
+    shapely 'dask[distributed]' albumentations 2>&1 | tail -3
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 benchmarks/torchvision_parity.py
-python3 benchmarks/model_speed.py --device cuda --batch-size 1 --repeats 20 --warmup 5 --json "$out/model_speed_cuda_b1.json"
-python3 benchmarks/model_speed.py --device cuda --batch-size 16 --repeats 10 --warmup 3 --json "$out/model_speed_cuda_b16.json"
+"$py" - <<'EOF'
+import importlib.util as u
+missing = [m for m in ("torch", "numpy", "scipy", "cv2", "skimage", "tifffile", "imagecodecs", "shapely", "yaml",
+                       "click", "tqdm", "openslide", "tiffslide", "lightning", "dask", "psutil") if u.find_spec(m) is None]
+import torch
+print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}; missing modules: {missing or 'none'}")
+EOF
+
+# run_all.py runs each benchmark with the GPU's utilisation sampled; 460 s leaves time to write the page
+timeout 460 "$py" benchmarks/run_all.py --profile gpu --doc "$out/benchmarks-gpu.md"
+rc=$?
+echo "gpu.sh: exit $rc after $(( $(date +%s) - start )) s; results in $out/benchmarks-gpu.md"
+exit $rc

@@ -186,7 +186,7 @@ def synth_slide_cmd(out_path: Path, width: int, height: int, mpp: float, seed: i
 
 def _task_options(f):
     """--TASK / --TASK-dir (and --TASK-type) options of `cerberus train`, defined once."""
-    for task, help_ in reversed((("gland", "gland instances (and lumina datasets are separate)"),
+    for task, help_ in reversed((("gland", "gland instances"),
                                  ("lumen", "lumen instances"), ("nuclei", "nucleus instances"),
                                  ("pclass", "tissue-type patch classification"))):
         if task in ("gland", "nuclei"):
@@ -256,14 +256,21 @@ def train_cmd(mix, fold, log_dir, params, pretrained, subtype, max_steps, precis
 
 @main.command("demo")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
-              help="Folder for the demo's outputs.")
-@click.option("--quick", is_flag=True, help="Use the narrow test encoder instead of ResNet-34.")
+              help="Folder for the demo's outputs (index.html / index.md show them).")
+@click.option("--quick", is_flag=True,
+              help="Fewer tiles, about 1 minute of training and a smaller slide: under 3 minutes on 2 CPU cores.")
+@click.option("--device", default="auto", show_default=True, help="auto (a CUDA GPU if present), cpu, cuda, cuda:N or mps.")
+@click.option("--fresh", is_flag=True, help="Redo every stage (default: skip stages finished with the same settings).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo_cmd(out_dir: Path, quick: bool, seed: int):
-    """Build the original six-head network, run it on a synthetic H&E tile, save and reload it."""
+def demo_cmd(out_dir: Path, quick: bool, device: str, fresh: bool, seed: int):
+    """Run the whole pipeline on synthetic data: synthesise datasets, train a multi-task model for a few
+    minutes, evaluate it on held-out tiles, run tile and whole-slide inference, and write an index page.
+
+    About 11 minutes on 2 CPU cores (--quick: under 3). Re-running skips finished stages.
+    """
     from .demo import run_demo
 
-    run_demo(out_dir, quick=quick, seed=seed)
+    run_demo(out_dir, quick=quick, seed=seed, device=device, fresh=fresh)
 
 
 @main.command("infer-tile")
@@ -303,6 +310,52 @@ def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, worke
         total = len(s.done) + len(s.skipped) + len(s.failed)
         raise CerberusError(f"{len(s.failed)} of {total} images failed ({', '.join(s.failed)}); "
                             "fix or remove them and run again (finished images are skipped)")
+
+
+@main.command("infer-wsi")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model folder.")
+@click.option("--input", "inputs", multiple=True, required=True,
+              help="A slide, a folder of slides or a quoted glob pattern ('slides/*.svs'); repeat for more.")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
+@click.option("--mpp", type=float, default=None, help="Level-0 resolution (um/px) when the slides' metadata lacks it.")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Tissue mask image (one slide) or folder of masks named {slide stem}.png; default: computed.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Network windows per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Autocast precision of the network.")
+@click.option("--tta", is_flag=True, help="Average the 4 flips of every window (4x the network time).")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Start a local Dask cluster of N worker processes, one slide each (0: slides run here).")
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (tcp://host:8786).")
+@click.option("--centroids-only", is_flag=True, help="GeoJSON nuclei as points (lighter in QuPath).")
+@click.option("--chunk-size", type=int, default=4096, show_default=True,
+              help="Chunk side in model pixels (rounded up to whole windows); memory grows with its square.")
+@click.option("--margin-um", type=float, default=256.0, show_default=True,
+              help="Context around each chunk (um); must exceed the largest gland's reach from its centre.")
+@click.option("--postproc-workers", type=int, default=1, show_default=True,
+              help="Post-processing processes per slide, overlapped with inference (0: in the same process).")
+@click.option("--input-shape", type=int, default=None, help="Network window side (default 1024).")
+@click.option("--output-shape", type=int, default=None,
+              help="Central part of each window kept (default: input shape - 304; a multiple of 16).")
+def infer_wsi_cmd(model_dir, inputs, output, mpp, mask, batch_size, device, precision, tta, workers, scheduler,
+                  centroids_only, chunk_size, margin_um, postproc_workers, input_shape, output_shape):
+    """Segment and classify glands, lumina, nuclei and tissue in whole slides, chunk by chunk; re-runs resume
+    unfinished slides and skip finished ones (see docs/wsi.md)."""
+    from .infer.cohort import infer_wsi
+
+    s = infer_wsi(model_dir, inputs, output, mpp=mpp, mask=mask, batch_size=batch_size, device=device,
+                  precision=precision, tta=tta, workers=workers, scheduler=scheduler, centroids_only=centroids_only,
+                  chunk_size=chunk_size, margin_um=margin_um, postproc_workers=postproc_workers,
+                  input_shape=input_shape, output_shape=output_shape)
+    click.echo(s.table())
+    done = sum(r.status == "done" for r in s.rows)
+    skipped = sum(r.status == "skipped" for r in s.rows)
+    click.echo(f"{done} slides done, {skipped} already done, {len(s.failed)} failed; results in {s.output}")
+    if s.failed:
+        names = ", ".join(r.slide for r in s.failed[:5]) + (", ..." if len(s.failed) > 5 else "")
+        raise CerberusError(f"{len(s.failed)} of {len(s.rows)} slides failed ({names}); see the table above, fix "
+                            "them and run again (finished slides are skipped)")
 
 
 if __name__ == "__main__":  # pragma: no cover

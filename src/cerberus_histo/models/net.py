@@ -100,8 +100,9 @@ class Cerberus(nn.Module):
 
     def forward_dense(self, images: torch.Tensor, heads: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Like :meth:`forward`, but ``class`` heads give dense logits ``N x C x h x w`` at the deepest feature's
-        resolution (one cell per ``encoder.strides[-1]`` pixels): each cell is classified as the patch of
-        ``class_pool_cells`` cells centred on it (:meth:`ClassHead.dense`). This is what inference uses."""
+        resolution (one cell per ``encoder.strides[-1]`` pixels): each cell is classified as the patch centred on it of
+        the size the head was trained on: ``class_patch_shape`` (in cells, at most ``class_pool_cells``; 9 = 144 px at
+        stride 16, 5 at stride 32) (:meth:`ClassHead.dense`). This is what inference uses."""
         names = self.head_names if heads is None else tuple(heads)
         unknown = [h for h in names if h not in self.heads]
         if unknown:
@@ -113,7 +114,9 @@ class Cerberus(nn.Module):
         for name in names:
             head = self.heads[name]
             if isinstance(head, ClassHead):
-                cells = self.config.class_pool_cells or max(1, self.config.class_patch_shape // self.encoder.strides[4])
+                # the neighbourhood the head was trained on: a class patch's cells, at most class_pool_cells
+                cells = -(-self.config.class_patch_shape // self.encoder.strides[4])
+                cells = min(cells, self.config.class_pool_cells or cells)
                 out[name] = head.dense(feats[4], cells)
             else:
                 if bottom is None:
@@ -134,6 +137,25 @@ class Cerberus(nn.Module):
         from ..infer.tiles import predict_tile
 
         return predict_tile(self, image, mpp=mpp, **options)
+
+    def predict_wsi(self, slide, output="cerberus-wsi", *, mpp: float | None = None, mask=None,
+                    chunk_size: int = 4096, margin_um: float = 256.0, centroids_only: bool = False,
+                    postproc_workers: int = 1, progress: bool = True, **options):
+        """Glands, lumina, nuclei and tissue classes of a whole slide, predicted chunk by chunk with bounded memory
+        and written to ``output`` (a folder): the SQLite store (TIAToolbox), QuPath GeoJSON, summary JSON/CSV,
+        thumbnail overlay, tissue mask and metadata, all in level-0 pixels. Returns a
+        :class:`~cerberus_histo.infer.wsi.WSIResult` (output paths, summary, counts, timings).
+
+        ``mpp`` overrides the slide's level-0 resolution; ``mask`` is a tissue mask image (default: computed);
+        ``chunk_size`` (model px) and ``margin_um`` set the chunking; a re-run resumes an interrupted slide and
+        skips a finished one. ``options`` go to :func:`~cerberus_histo.infer.wsi.make_predictor` (``batch_size``,
+        ``device``, ``precision``, ``tta``, ``input_shape``, ``output_shape``). See ``docs/wsi.md``.
+        """
+        from ..infer.wsi import predict_wsi
+
+        return predict_wsi(self, slide, output, mpp=mpp, mask=mask, chunk_size=chunk_size, margin_um=margin_um,
+                           centroids_only=centroids_only, postproc_workers=postproc_workers, progress=progress,
+                           **options)
 
     # ---- checkpoints (implemented in .checkpoint) ------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
