@@ -74,7 +74,7 @@ BENCHES = (
                 "--precision", "bf16", "--postproc-workers", "6"),), gpu_timeout=260),
     Bench("train_synthetic", "the six-head model trained on synthetic data for a fixed budget, held-out PQ / F1 / "
           "accuracy and samples per second",
-          (), ("--minutes", "1", "--tiles", "6", "--per-class", "10"), timeout=3 * 3600),
+          (), ("--steps", "60", "--tiles", "6", "--per-class", "10"), timeout=3 * 3600),
     Bench("torchvision_parity", "torchvision's ResNet weights load into our encoders and give identical features",
           (), (), gpu=((),), needs="torchvision", timeout=600),
 )
