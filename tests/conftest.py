@@ -34,3 +34,17 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread, and OMP_NUM_THREADS=1 for CLI subprocesses: on a busy 2-core machine two OpenMP threads
+    spin-wait on each other and make small convolutions many times slower."""
+    threads = torch.get_num_threads()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    mp.undo()
+

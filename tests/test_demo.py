@@ -9,7 +9,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-import torch
 from conftest import assert_clean_error, run_cli
 
 from cerberus_histo.demo import STAGES, DemoSettings, quick_settings, run_demo
@@ -19,15 +18,6 @@ TINY = quick_settings(tiles=3, per_class=3, train_minutes=0.1, max_steps=2, tile
                       slide_width=1024, slide_height=768, slide_fields=1, chunk=1024, workers=0)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

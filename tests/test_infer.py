@@ -20,19 +20,7 @@ from cerberus_histo.io.readers import ArrayReader
 from cerberus_histo.postproc import Instances, TaskResult
 
 MARGIN = 96  # >= the tiny network's receptive field (dense maps: 64 px, tissue cells: 80 px around the cell)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread (and OMP_NUM_THREADS=1 for the CLI subprocesses): on the shared 2-core machine, two
-    OpenMP threads spin-wait on each other and make these tiny convolutions up to 50x slower."""
-    threads = torch.get_num_threads()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

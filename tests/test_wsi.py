@@ -38,18 +38,7 @@ from cerberus_histo.postproc import postprocess
 CMU = REPO.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
 CONFIG = ModelConfig.preset("original", encoder="tiny")
 SMALL = dict(field=256, offset=128, n_fields=2, tile=256, progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch / OpenMP thread: on the shared 2-core machine two spin-waiting threads slow tiny convolutions."""
-    threads = torch.get_num_threads()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 # ---- an oracle: the truth as probabilities (checks chunking and merging exactly, no network) ----------------

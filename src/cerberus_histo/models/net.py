@@ -78,8 +78,10 @@ class Cerberus(nn.Module):
             x = (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
         return x
 
-    def forward(self, images: torch.Tensor, heads: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Logits by head name; ``heads`` limits the computation to some heads (default: all)."""
+    def forward(self, images: torch.Tensor, heads: Iterable[str] | None = None,
+                dense: bool = False) -> dict[str, torch.Tensor]:
+        """Logits by head name; ``heads`` limits the computation to some heads (default: all). ``dense``: see
+        :meth:`forward_dense`."""
         names = self.head_names if heads is None else tuple(heads)
         unknown = [h for h in names if h not in self.heads]
         if unknown:
@@ -91,7 +93,11 @@ class Cerberus(nn.Module):
         for name in names:
             head = self.heads[name]
             if isinstance(head, ClassHead):
-                out[name] = head(feats[4])
+                if dense:  # the neighbourhood the head was trained on: a class patch, at most class_pool_cells
+                    cells = -(-self.config.class_patch_shape // self.encoder.strides[4])
+                    out[name] = head.dense(feats[4], min(cells, self.config.class_pool_cells or cells))
+                else:
+                    out[name] = head(feats[4])
             else:
                 if bottom is None:
                     bottom = self.bottleneck(feats[4])
@@ -100,29 +106,10 @@ class Cerberus(nn.Module):
 
     def forward_dense(self, images: torch.Tensor, heads: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Like :meth:`forward`, but ``class`` heads give dense logits ``N x C x h x w`` at the deepest feature's
-        resolution (one cell per ``encoder.strides[-1]`` pixels): each cell is classified as the patch centred on it of
-        the size the head was trained on: ``class_patch_shape`` (in cells, at most ``class_pool_cells``; 9 = 144 px at
-        stride 16, 5 at stride 32) (:meth:`ClassHead.dense`). This is what inference uses."""
-        names = self.head_names if heads is None else tuple(heads)
-        unknown = [h for h in names if h not in self.heads]
-        if unknown:
-            raise ConfigError(f"no head(s) {unknown} in this model; heads: {', '.join(self.head_names)}")
-        x = self.normalise(images)
-        feats = self.encoder(x)
-        bottom = None
-        out: dict[str, torch.Tensor] = {}
-        for name in names:
-            head = self.heads[name]
-            if isinstance(head, ClassHead):
-                # the neighbourhood the head was trained on: a class patch's cells, at most class_pool_cells
-                cells = -(-self.config.class_patch_shape // self.encoder.strides[4])
-                cells = min(cells, self.config.class_pool_cells or cells)
-                out[name] = head.dense(feats[4], cells)
-            else:
-                if bottom is None:
-                    bottom = self.bottleneck(feats[4])
-                out[name] = head(feats[:4], bottom, x.shape[-2:])
-        return out
+        resolution (one cell per ``encoder.strides[-1]`` pixels): each cell is classified as the patch centred on it
+        of the size the head was trained on, ``class_patch_shape`` in cells and at most ``class_pool_cells`` (9 =
+        144 px at stride 16, 5 at stride 32; :meth:`ClassHead.dense`). This is what inference uses."""
+        return self.forward(images, heads, dense=True)
 
     def predict_tile(self, image, mpp: float | None = None, **options):
         """Instances, type maps and the tissue map of one RGB image (``H x W x 3`` array; RGBA, grey and 16-bit
