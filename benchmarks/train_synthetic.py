@@ -10,7 +10,7 @@ per stage, 16-128 channels, ~1 M parameters), the standard stride-2 stem and 32-
 256-px patches: ResNet-34 at 448 px takes ~10 s per batch-4 step on 2 CPU cores, too slow to learn anything
 in 20 minutes.
 
-    python benchmarks/train_synthetic.py                 # 1100 steps, about 20 minutes on 2 cores
+    python benchmarks/train_synthetic.py                 # 1400 steps, about 17 minutes on 2 idle cores
     python benchmarks/train_synthetic.py --steps 150     # a shorter look
 """
 
@@ -56,8 +56,8 @@ def make_data(root: Path, tiles: int, size: int, per_class: int) -> dict[str, Pa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1100,
-                    help="optimiser steps (cosine schedule to 0); 1100 take about 20 minutes on 2 idle CPU cores")
+    ap.add_argument("--steps", type=int, default=1400,
+                    help="optimiser steps (cosine schedule to 0); 1400 take about 17 minutes on 2 idle CPU cores")
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-time cap of the training")
     ap.add_argument("--encoder", default="small")
     ap.add_argument("--stem-stride", type=int, default=2)
