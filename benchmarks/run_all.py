@@ -247,15 +247,10 @@ def update_section(text: str, profile: str, blocks: dict[str, str]) -> str:
     begin, end = markers(profile)
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        section, tail = rest.split(end, 1)
+        tail = rest.split(end, 1)[1]
     else:
-        head, section, tail = text.rstrip() + "\n\n", "", "\n"
-    old = {}
-    for b in BENCHES:
-        s, e = block_markers(profile, b.name)
-        m = re.search(re.escape(s) + r".*?" + re.escape(e), section, re.S)
-        if m:
-            old[b.name] = m.group(0)
+        head, tail = text.rstrip() + "\n\n", "\n"
+    old = extract_section(text, profile)
     old.update(blocks)
     body = "\n\n".join(old[b.name] for b in BENCHES if b.name in old)
     intro = (f"## {TITLES[profile]}\n\nThe printed output of each benchmark as it ran; each names its machine and "

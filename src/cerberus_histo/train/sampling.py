@@ -89,9 +89,11 @@ class TaskBatchSampler:
     def state_at(self, step: int) -> dict:
         """The state after ``step`` batches, by replaying the draws (cheap: no data is read). A run's
         checkpoint stores this for its global step, since a data loader may have drawn batches ahead."""
-        replay = TaskBatchSampler(self.seg_sizes, self.class_size, self.batch_size, self.class_batch_size,
-                                  self.p_seg, self.mix, self.seed, self.rank)
-        for _ in range(step):
+        replay = getattr(self, "_replay", None)
+        if replay is None or replay.step > step:  # kept between calls: checkpoints only move forward
+            replay = self._replay = TaskBatchSampler(self.seg_sizes, self.class_size, self.batch_size,
+                                                     self.class_batch_size, self.p_seg, self.mix, self.seed, self.rank)
+        while replay.step < step:
             replay.next_batch()
         return replay.state_dict()
 
