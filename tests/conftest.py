@@ -10,7 +10,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-REFERENCE = SHARED / "reference"
+REAL_DATA = SHARED / "data" / "real"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -48,3 +48,10 @@ def one_thread():
     torch.set_num_threads(threads)
     mp.undo()
 
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """``../shared/data/real``: byte-for-byte samples of the released public datasets (skips where absent)."""
+    if not REAL_DATA.is_dir():
+        pytest.skip("../shared/data/real not found: real dataset samples are absent")
+    return REAL_DATA

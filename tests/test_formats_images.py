@@ -63,7 +63,7 @@ def test_glas(tmp_path):
     drawn = _glas(tmp_path / "src")
     spec = import_glas(tmp_path / "src", tmp_path / "dst", progress=False)
     spec = load_dataset(tmp_path / "dst")
-    assert spec.name == "glas" and spec.mpp == 0.62 and spec.num_splits == 3 and spec.tasks == ("gland",)
+    assert spec.name == "glas" and spec.mpp == 0.62005 and spec.num_splits == 3 and spec.tasks == ("gland",)
     assert spec.splits() == {"train_1": 1, "testA_2": 2, "testB_5": 3}
     assert spec.check_files() == ["testA_2", "testB_5", "train_1"]
     assert spec.annotation("gland").kinds == ("inst", "type")
@@ -351,7 +351,7 @@ def test_cli(tmp_path):
     _glas(tmp_path / "src")
     proc = run_cli("import-dataset", "glas", tmp_path / "src", tmp_path / "dst")
     assert proc.returncode == 0, proc.stderr
-    assert "imported 3 images (gland) at 0.62 um/px" in proc.stdout
+    assert "imported 3 images (gland) at 0.62005 um/px" in proc.stdout
     assert load_dataset(tmp_path / "dst").check_files() == ["testA_2", "testB_5", "train_1"]
     next((tmp_path / "src").rglob("train_1_anno.bmp")).unlink()
     proc = run_cli("import-dataset", "glas", tmp_path / "src", tmp_path / "dst2")

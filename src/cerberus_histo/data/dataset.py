@@ -8,6 +8,7 @@ A dataset folder (what the importers and the synthetic generator write)::
     masks/NAME.png          # optional tissue mask (> 0 = tissue)
     splits.csv              # Filename,Split  (Split in 1..num_splits; <= 0 excludes the file)
     classes.csv             # patch classification only: Filename,Class (class name or index)
+    mpps.csv                # optional: Filename,Mpp for images whose resolution differs from ``mpp``
 
 ``dataset.yaml`` (paths relative to its folder; the information of the original ``dataset.yml``)::
 
@@ -18,13 +19,15 @@ A dataset folder (what the importers and the synthetic generator write)::
     image_ext: .png
     mask_dir: null
     split_csv: splits.csv
+    mpp_csv: null           # or mpps.csv: per-image resolutions (MoNuSeg's XML gives one per image)
     num_splits: 3
     annotations:
       - {task: gland, dir: labels/gland, ext: .npz, kinds: [inst, type],
          class_names: [nolabel, gland, surface-epi], class_colors: [[0,0,0], [255,255,0], [177,52,235]]}
 
 ``kinds`` are ``inst`` (instance map), ``type`` (a class per instance), ``class_map`` (per-pixel classes) and
-``class`` (one class per image, from ``csv``). Label files are ``.npz`` (read with ``allow_pickle=False``) or
+``class`` (one class per image, from ``csv``). ``mpp`` is the resolution of every image (microns per pixel)
+unless ``mpp_csv`` names a file giving some images their own (:meth:`DatasetSpec.image_mpp`). Label files are ``.npz`` (read with ``allow_pickle=False``) or
 ``.mat`` (the original Cerberus and Lizard format). Nothing here imports torch.
 """
 
@@ -122,6 +125,7 @@ class DatasetSpec:
     mask_dir: str | None = None
     mask_ext: str = ".png"
     split_csv: str = "splits.csv"
+    mpp_csv: str | None = None
     num_splits: int = 3
     format: str = FORMAT
     description: str = ""
@@ -215,6 +219,26 @@ class DatasetSpec:
                 raise CerberusError(f"{path} line {i}: class {value!r} is not one of {list(ann.class_names)}")
             out[row["Filename"]] = cls
         return out
+
+    def image_mpps(self) -> dict[str, float]:
+        """``{name: mpp}`` of the images listed in ``mpp_csv`` (empty without one); values are checked."""
+        if self.mpp_csv is None:
+            return {}
+        path = self.root / self.mpp_csv
+        out = {}
+        for i, row in enumerate(_read_csv(path, ("Filename", "Mpp")), start=2):
+            try:
+                value = float(row["Mpp"])
+            except ValueError:
+                value = float("nan")
+            if not 0.01 <= value <= 100:
+                raise CerberusError(f"{path} line {i}: Mpp must be microns per pixel (e.g. 0.25), got {row['Mpp']!r}")
+            out[row["Filename"]] = value
+        return out
+
+    def image_mpp(self, name: str) -> float:
+        """The resolution of one image: its row of ``mpp_csv``, else the dataset's ``mpp``."""
+        return self.image_mpps().get(name, float(self.mpp))
 
     def read_image(self, name: str) -> np.ndarray:
         return read_rgb(self.image_path(name))

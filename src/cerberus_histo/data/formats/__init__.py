@@ -15,13 +15,13 @@ from pathlib import Path
 from ...errors import CerberusError
 
 FORMATS: dict[str, tuple[str, str, str]] = {
-    "glas": ("glas", "import_glas", "GlaS: BMP images, _anno instance maps, Grade.csv (glands)"),
+    "glas": ("glas", "import_glas", "GlaS (Warwick-QU): BMP images, _anno instance maps, Grade.csv (glands)"),
     "crag": ("crag", "import_crag", "CRAG: images and instance-label PNGs (glands)"),
     "lizard": ("lizard", "import_lizard", "Lizard: images and .mat labels (nuclei, six classes)"),
     "conic": ("conic", "import_conic", "CoNIC: images.npy and labels.npy (nuclei, six classes)"),
     "pannuke": ("pannuke", "import_pannuke", "PanNuke: per-fold images.npy, masks.npy, types.npy (nuclei)"),
-    "monuseg": ("monuseg", "import_monuseg", "MoNuSeg: images and XML polygon annotations (nuclei)"),
-    "kather": ("kather", "import_kather", "Kather NCT-CRC-HE-100K: class folders (tissue patches)"),
+    "monuseg": ("monuseg", "import_monuseg", "MoNuSeg: TIFFs, XML polygons, per-image MicronsPerPixel (nuclei)"),
+    "kather": ("kather", "import_kather", "Kather NCT-CRC-HE-100K or 2016 texture set: class folders (tissue patches)"),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from ..dataset import (
 
 
 class DatasetWriter:
-    """Write samples into the common layout; ``finish()`` writes classes.csv, splits.csv and, last,
-    dataset.yaml, so an interrupted import never leaves a complete-looking dataset.
+    """Write samples into the common layout; ``finish()`` writes classes.csv, mpps.csv (when some image has
+    its own resolution), splits.csv and, last, dataset.yaml, so an interrupted import never leaves a
+    complete-looking dataset.
 
     Example:
         >>> w = DatasetWriter(dst, "glas", mpp=0.62, annotations=(AnnotationSpec("gland", ("inst", "type"),
@@ -39,10 +42,12 @@ class DatasetWriter:
                                 description=description)
         self.splits: dict[str, int] = {}
         self.classes: dict[str, str] = {}
+        self.mpps: dict[str, float] = {}
 
     def add(self, name: str, image: np.ndarray, annotations: dict[str, Annotation] | None = None,
-            split: int = 1, image_class: str | None = None) -> None:
-        """One image with its labels (validated against the annotation specs) and its split."""
+            split: int = 1, image_class: str | None = None, mpp: float | None = None) -> None:
+        """One image with its labels (validated against the annotation specs) and its split; ``mpp`` when
+        this image's resolution differs from the dataset's."""
         if name in self.splits:
             raise CerberusError(f"two source images give the same name {name!r}; rename one of them")
         image = np.asarray(image)
@@ -54,6 +59,8 @@ class DatasetWriter:
             write_label(self.spec.label_path(name, task), ann)
         if image_class is not None:
             self.classes[name] = image_class
+        if mpp is not None and not math.isclose(float(mpp), float(self.spec.mpp), rel_tol=1e-9):
+            self.mpps[name] = float(mpp)
         write_rgb(self.spec.image_path(name), image)
         self.splits[name] = int(split)
 
@@ -63,6 +70,10 @@ class DatasetWriter:
         if self.classes:
             rows = ["Filename,Class"] + [f"{n},{c}" for n, c in sorted(self.classes.items())]
             atomic_write_bytes(self.spec.root / "classes.csv", ("\n".join(rows) + "\n").encode())
+        if self.mpps:
+            rows = ["Filename,Mpp"] + [f"{n},{m:.6g}" for n, m in sorted(self.mpps.items())]
+            atomic_write_bytes(self.spec.root / "mpps.csv", ("\n".join(rows) + "\n").encode())
+            self.spec = dataclasses.replace(self.spec, mpp_csv="mpps.csv")
         write_splits(self.spec.root / self.spec.split_csv, self.splits)
         self.spec.save()
         return self.spec

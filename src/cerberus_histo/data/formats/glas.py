@@ -1,14 +1,19 @@
 """GlaS (Warwick-QU gland segmentation challenge, MICCAI 2015).
 
 Source format: a folder (searched recursively) of ``*.bmp`` images named ``train_N.bmp``, ``testA_N.bmp`` and
-``testB_N.bmp``, each with its instance map ``<stem>_anno.bmp`` (8-bit greyscale, 0 = background, one value
-per gland; the values need not be contiguous and are kept as the instance ids), and an optional ``Grade.csv``
-(columns ``name``, `` grade (GlaS)`` (benign / malignant), `` grade (Sirinukunwattana et al. 2015)``; the real
-header has leading spaces, so column names and values are stripped).
+``testB_N.bmp`` (24-bit RGB), each with its instance map ``<stem>_anno.bmp``, and an optional ``Grade.csv``.
+The released ``_anno.bmp`` files are 8-bit palettised BMPs with an identity grey palette (entry i = (i, i, i)),
+so the pixel value is the gland's instance id (0 = background, 1..N); the values need not be contiguous and
+are kept as the ids. A palettised map is read by its palette indices; an 8/16-bit greyscale map by its values.
+``Grade.csv`` (columns ``name``, ``patient ID``, `` grade (GlaS)`` (benign / malignant),
+`` grade (Sirinukunwattana et al. 2015)``) has old-Mac CR-only line endings and a leading space in its column
+names and values (`` benign``); the CSV reader splits on CR, LF or CRLF, and names and values are stripped.
 
 Classes: task ``gland`` (inst, type); every gland is class 1 ``gland`` (GlaS has no surface-epithelium label).
-Splits: ``train`` -> 1, ``testA`` -> 2, ``testB`` -> 3 (by the name's prefix). Default mpp 0.62 (the 20x scans,
-rescaled). When ``Grade.csv`` exists, each image's GlaS grade is written to ``grades.csv`` (Filename,Grade).
+Splits: ``train`` -> 1, ``testA`` -> 2, ``testB`` -> 3 (by the name's prefix). Default mpp 0.62005, the
+challenge's stated resolution of the released images (20x; the 0.465 um/px Zeiss MIRAX MIDI scans rescaled).
+When ``Grade.csv`` exists, each imported image's GlaS grade (``benign`` / ``malignant``, stripped) is written
+to ``grades.csv`` (Filename,Grade).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from ...errors import CerberusError
 from ..dataset import Annotation, AnnotationSpec, DatasetSpec, atomic_write_bytes, read_rgb
 from .common import DatasetWriter, find_files
 
-DEFAULT_MPP = 0.62
+DEFAULT_MPP = 0.62005  # the GlaS challenge's figure for the released 20x images
 SPLITS = {"train": 1, "testa": 2, "testb": 3}
 
 
@@ -68,6 +73,7 @@ def _read_grades(src: Path) -> dict[str, str]:
         return {}
     path = found[0]
     try:
+        # newline="": the csv module then splits rows on CR (the release's old-Mac endings), LF or CRLF
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [[cell.strip() for cell in row] for row in csv.reader(f) if row]
     except (OSError, UnicodeDecodeError) as exc:
@@ -81,9 +87,12 @@ def _read_grades(src: Path) -> dict[str, str]:
 
 def read_instance_map(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """An instance-label image (8- or 16-bit greyscale; values are the ids) as int32, checked against the
-    image's shape. A colour image with equal channels is read as greyscale; otherwise each distinct colour
-    becomes one instance (black = background), as happens when a paletted file is decoded to colour."""
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    image's shape. A palettised image gives its palette indices (GlaS's identity grey palette: index = value =
+    id). A colour image with equal channels is read as greyscale; otherwise each distinct colour becomes one
+    instance (black = background)."""
+    label = _palette_indices(path)
+    if label is None:
+        label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if label is None or label.size == 0:
         raise CerberusError(f"{path} is not a readable image (corrupt or not an image)")
     if label.dtype.kind not in "ui":
@@ -99,3 +108,18 @@ def read_instance_map(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if label.shape != tuple(shape):
         raise CerberusError(f"{path}: annotation shape {label.shape} differs from its image {tuple(shape)}")
     return label.astype(np.int32)
+
+
+def _palette_indices(path: Path) -> np.ndarray | None:
+    """The palette indices of a palettised image (Pillow mode ``P``), else ``None`` (left to OpenCV). Pillow
+    opens a palettised BMP whose palette is the identity grey ramp (GlaS) as greyscale ``L``: ``None`` too, and
+    OpenCV's decoded greys are then the indices."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow comes with scikit-image
+        return None
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im) if im.mode == "P" else None
+    except Exception:  # noqa: BLE001 - unreadable here: OpenCV's reading names the problem
+        return None
