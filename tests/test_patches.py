@@ -89,7 +89,7 @@ def test_patch_classification_dataset(tmp_path):
 def test_cli_and_bad_input(synth, tmp_path):
     proc = run_cli("extract-patches", "--config", synth / "dataset.yaml", "--out", tmp_path / "p",
                    "--win-size", "128", "--step-size", "64")
-    assert proc.returncode == 0 and "27 patches from 3 images" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "27 patches at 0.5 um/px from 3 images" in proc.stdout, proc.stderr
     assert_clean_error(run_cli("extract-patches", "--config", tmp_path / "none", "--out", tmp_path / "q"),
                        "not found")
     broken = tmp_path / "broken"

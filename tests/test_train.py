@@ -11,7 +11,7 @@ from conftest import assert_clean_error, run_cli
 from cerberus_histo import Cerberus
 from cerberus_histo.data.patches import extract_patches
 from cerberus_histo.data.synthetic import write_patches, write_tiles
-from cerberus_histo.errors import ConfigError
+from cerberus_histo.errors import CerberusError, ConfigError
 from cerberus_histo.train.config import TrainConfig
 from cerberus_histo.train.datamodule import Source
 from cerberus_histo.train.run import train
@@ -205,3 +205,17 @@ def test_fold0_trains_without_validation_under_a_time_cap(data, tmp_path):
     summary = train([Source(data["nuclei"], ("nuclei-inst",))], tmp_path / "r", cfg, fold=0, progress=False)
     assert summary["steps"] == 2 and summary["validation"] == {}
     assert (tmp_path / "r" / "model" / "weights.pt").is_file() and not (tmp_path / "r" / "model-best").exists()
+
+
+def test_a_source_without_the_fold_trains_on_all_its_patches(data, tmp_path):
+    """GlaS has no split 3 (train, testA, testB -> 1, 2, 3 in the full release, only 1 in a sample): with --fold 3
+    it only trains, while the sources that have split 3 validate on it."""
+    spec = write_tiles(tmp_path / "one", 2, 96, seed=9, num_splits=1, tasks=("lumen",), name="one", progress=False)
+    extract_patches(spec.root, tmp_path / "p", 96, 48, "mirror", progress=False)
+    sources = [Source(data["nuclei"], ("nuclei-inst",)), Source(tmp_path / "p" / "one", ("lumen-inst",))]
+    with pytest.warns(UserWarning, match="has no split 3: all its patches train"):
+        train(sources, tmp_path / "r", TrainConfig(**SMALL, max_steps=2), fold=3, progress=False)
+    saved = yaml.safe_load((tmp_path / "r" / "train.yaml").read_text())["sources"]
+    assert [s["validated"] for s in saved] == [True, False]
+    with pytest.raises(CerberusError, match="split_2"):
+        train(sources[1:], tmp_path / "r2", TrainConfig(**SMALL, max_steps=2), fold=2, progress=False)

@@ -7,6 +7,7 @@ Heavy modules (torch) are imported inside the commands so that ``cerberus --help
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -16,8 +17,13 @@ from .data.formats import FORMATS
 from .errors import CerberusError
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
+        warnings.showwarning = _show_warning  # one line a warning, without source lines
         try:
             return super().invoke(ctx)
         except CerberusError as exc:
@@ -85,8 +91,10 @@ def import_dataset_cmd(fmt: str, src: Path, dst: Path, mpp: float | None):
     from .data.formats import import_dataset
 
     spec = import_dataset(fmt, src, dst, mpp=mpp)
-    click.echo(f"imported {len(spec.names())} images ({', '.join(spec.tasks)}) at {spec.mpp} um/px into "
-               f"{spec.root / 'dataset.yaml'}")
+    names = spec.names()
+    mpps = sorted({spec.image_mpp(n) for n in names})
+    where = f"{mpps[0]:g} um/px" if len(mpps) == 1 else f"{mpps[0]:g}-{mpps[-1]:g} um/px (per image: {spec.mpp_csv})"
+    click.echo(f"imported {len(names)} images ({', '.join(spec.tasks)}) at {where} into {spec.root / 'dataset.yaml'}")
 
 
 @main.command("extract-patches")
@@ -95,33 +103,38 @@ def import_dataset_cmd(fmt: str, src: Path, dst: Path, mpp: float | None):
 @click.option("--win-size", type=int, default=996, show_default=True, help="Window side (twice the input).")
 @click.option("--step-size", type=int, default=448, show_default=True, help="Step between windows (224 for nuclei).")
 @click.option("--mode", type=click.Choice(["valid", "mirror"]), default="valid", show_default=True)
-def extract_patches_cmd(config: Path, out_dir: Path, win_size: int, step_size: int, mode: str):
-    """Cut a dataset's images and labels into training patches (.npz), one folder per split; re-runs skip
-    finished images."""
+@click.option("--mpp", type=float, default=0.5, show_default=True,
+              help="Resolution (um/px) to bring every image to before cutting: the model's (params model.mpp).")
+def extract_patches_cmd(config: Path, out_dir: Path, win_size: int, step_size: int, mode: str, mpp: float):
+    """Cut a dataset's images and labels into training patches (.npz) at the model's resolution, one folder per
+    split; re-runs skip finished images."""
     from .data.patches import extract_patches
 
-    r = extract_patches(config, out_dir, win_size, step_size, mode)
-    click.echo(f"{r.patches} patches from {r.images} images ({r.skipped_images} already done, "
+    r = extract_patches(config, out_dir, win_size, step_size, mode, mpp=mpp)
+    click.echo(f"{r.patches} patches at {r.mpp:g} um/px from {r.images} images ({r.skipped_images} already done, "
                f"{r.empty_windows} windows without tissue skipped) in {out_dir}")
 
 
 @main.command("evaluate")
 @click.option("--task", type=click.Choice(["nuclei", "gland", "lumen", "tissue"]), required=True)
-@click.option("--pred", "pred_dir", type=click.Path(path_type=Path), required=True, help="Predicted label files.")
+@click.option("--pred", "pred_dir", type=click.Path(path_type=Path), required=True,
+              help="An infer-tile output folder as it is, or a folder of predicted label files.")
 @click.option("--true", "true_dir", type=click.Path(path_type=Path), required=True,
               help="True label files, or a dataset folder (dataset.yaml).")
+@click.option("--split", type=int, default=None, help="Score only this split of the --true dataset's images.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Where to write the JSON (default: PRED/evaluation_TASK.json).")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="Resolution, for the detection radius.")
+@click.option("--mpp", type=float, default=None,
+              help="Resolution of the truth (um/px), for the detection radius. Default: the dataset's, else 0.5.")
 @click.option("--radius-um", type=float, default=3.0, show_default=True, help="Centroid pairing radius (nuclei).")
 @click.option("--num-classes", type=int, default=None, help="Classes of the type labels (default: the task's).")
-def evaluate_cmd(task, pred_dir, true_dir, json_path, mpp, radius_um, num_classes):
+def evaluate_cmd(task, pred_dir, true_dir, split, json_path, mpp, radius_um, num_classes):
     """Score predictions against truth, matching files by name: PQ, AJI, Dice, mPQ+, F1, GlaS metrics or
     tissue accuracy; prints a table and writes JSON."""
     from .metrics.evaluate import evaluate, table, write_json
 
-    result = evaluate(task, pred_dir, true_dir, mpp=mpp, radius_um=radius_um, num_classes=num_classes)
-    out = json_path or Path(result.get("pred", pred_dir)) / f"evaluation_{task}.json"
+    result = evaluate(task, pred_dir, true_dir, mpp=mpp, radius_um=radius_um, num_classes=num_classes, split=split)
+    out = json_path or Path(pred_dir) / f"evaluation_{task}.json"
     write_json(result, out)
     click.echo(table(result))
     click.echo(f"written {out}")

@@ -5,7 +5,8 @@ output of the network for that task, of one of three kinds:
 
 ``inst``
     3-class dense map (0 background, 1 eroded interior, 2 contour band) from which instances are
-    separated; the contour band is made with an ``inst_kernel`` x ``inst_kernel`` ellipse.
+    separated; the contour band is made with an ``inst_kernel`` x ``inst_kernel`` ellipse (pixels at
+    0.5 µm/px, the original's; a model at another mpp uses the same physical size, :meth:`TaskSpec.kernel_px`).
 ``type``
     dense per-pixel class map over ``class_names``; index 0 (``nolabel``) is background and never
     enters the type loss.
@@ -71,6 +72,10 @@ class HeadSpec:
             object.__setattr__(self, key, float(value))
 
 
+#: the resolution at which ``TaskSpec.inst_kernel`` is given in pixels (the original Cerberus worked at 20x)
+KERNEL_MPP = 0.5
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A task with its heads, class names and display colours (RGB, 0-255)."""
@@ -127,6 +132,13 @@ class TaskSpec:
             if h.kind == kind:
                 return h
         raise KeyError(f"task {self.name!r} has no {kind!r} head")
+
+    def kernel_px(self, mpp: float) -> int:
+        """Side in pixels of the contour-band ellipse at ``mpp``: ``inst_kernel`` is given at 0.5 µm/px (the
+        original's 3 px for nuclei, 11 for glands) and keeps its size in microns at other resolutions, rounded
+        and made odd as post-processing's kernels are (7 px for nuclei at 0.25 µm/px)."""
+        k = max(1, round(self.inst_kernel * KERNEL_MPP / mpp))
+        return k + 1 if k % 2 == 0 else k
 
     def num_outputs(self, kind: str) -> int:
         """Channels of a head's logits: 3 for ``inst``, one per class otherwise."""

@@ -11,11 +11,15 @@ original used 224 for nuclei):
     reflect-pad by (win − step) / 2 on each side, then as ``valid``, so every pixel is near some
     window's centre.
 
-Windows with no tissue-mask pixel are skipped. Each patch is one ``.npz`` (no pickle) holding ``image``
-(uint8 H x W x 3) and, per task, ``{task}_inst`` and ``{task}_type`` (int32 maps) or ``{task}_class_map``;
-patch-classification datasets give one patch per image with the scalar ``{task}_class``. Output:
-``OUT/{dataset}/split_{k}/{win}_{step}/{image}-{idx:04d}.npz``, and a marker per finished image, so a re-run
-skips finished images. Reflect padding can duplicate an instance; the targets fix that at training time
+Before any window is cut, every image, tissue mask and label map is brought to one resolution ``mpp`` (the
+model's; by default the dataset's own ``mpp``), image by image since images may differ (``mpps.csv``): window
+sizes are in pixels at that resolution. Windows with no tissue-mask pixel are skipped. Each patch is one
+``.npz`` (no pickle) holding ``image`` (uint8 H x W x 3) and, per task, ``{task}_inst`` and ``{task}_type``
+(int32 maps) or ``{task}_class_map``; patch-classification datasets give one patch per image with the scalar
+``{task}_class``. Output: ``OUT/{dataset}/split_{k}/{win}_{step}/{image}-{idx:04d}.npz``, ``OUT/{dataset}/
+patches.json`` (the resolution, window, step and mode, and the images' own resolutions) and a marker per
+finished image, so a re-run skips finished images. A re-run with other settings into the same folder is an
+error rather than a mix of two patch sets. Reflect padding can duplicate an instance; the targets fix that at training time
 (:func:`cerberus_histo.data.targets.fix_mirror_padding`).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +36,11 @@ from tqdm import tqdm
 
 from ..errors import CerberusError
 from .dataset import DatasetSpec, atomic_write_bytes, load_dataset
+from .resolution import far_message, resample_annotation, resample_image, resample_map, same_mpp, scaled_shape
 from .targets import type_target
 
 MODES = ("valid", "mirror")
+META_FILE = "patches.json"
 
 
 def window_starts(length: int, win: int, step: int) -> list[int]:
@@ -70,18 +77,19 @@ def windows(shape: tuple[int, int], win: int, step: int, mode: str = "valid"):
 
 @dataclass
 class ExtractionReport:
+    mpp: float = 0.0
     images: int = 0
     skipped_images: int = 0
     patches: int = 0
     empty_windows: int = 0
 
 
-def _label_maps(spec: DatasetSpec, name: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+def _label_maps(spec: DatasetSpec, name: str, shape: tuple[int, int], to_shape: tuple[int, int]):
     maps = {}
     for ann in spec.annotations:
         if ann.kinds == ("class",):
             continue
-        a = spec.read_annotation(name, ann.task, shape)
+        a = resample_annotation(spec.read_annotation(name, ann.task, shape), to_shape)
         if a.inst_map is not None:
             maps[f"{ann.task}_inst"] = a.inst_map
             if a.classes is not None:
@@ -97,15 +105,61 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def read_meta(folder: str | Path) -> dict | None:
+    """The ``patches.json`` of one dataset's patch folder, or ``None`` when it has none."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CerberusError(f"{path} is not readable JSON ({type(exc).__name__}); re-extract the patches") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("mpp"), (int, float)):
+        raise CerberusError(f"{path}: no 'mpp' (the patches' resolution); re-extract the patches")
+    return meta
+
+
+def _check_meta(folder: Path, meta: dict) -> None:
+    """Write ``patches.json``, or check that an earlier extraction into ``folder`` used the same settings."""
+    old = read_meta(folder)
+    keys = ("mpp", "win_size", "step_size", "mode")
+    if old is None:
+        if any(folder.rglob("*.npz")):
+            raise CerberusError(f"{folder} holds patches of unknown settings (no {META_FILE}); choose another --out "
+                                "or remove that folder")
+        atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2).encode())
+    elif any(old.get(k) != meta[k] and not (k == "mpp" and same_mpp(old[k], meta[k])) for k in keys):
+        was = ", ".join(f"{k} {old.get(k)}" for k in keys)
+        now = ", ".join(f"{k} {meta[k]}" for k in keys)
+        raise CerberusError(f"{folder} holds patches extracted with {was}; these settings ({now}) would mix two "
+                            "patch sets: choose another --out or remove that folder")
+
+
 def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, step_size: int = 448,
-                    mode: str = "valid", progress: bool = True) -> ExtractionReport:
-    """Extract the patches of every image listed in the dataset's split CSV (see the module docstring)."""
+                    mode: str = "valid", progress: bool = True, mpp: float | None = None) -> ExtractionReport:
+    """Extract the patches of every image listed in the dataset's split CSV at resolution ``mpp`` (default:
+    the dataset's ``mpp``); see the module docstring."""
     spec = load_dataset(config)
     names = spec.check_files()
     splits = spec.splits()
+    image_mpps = {name: spec.image_mpp(name) for name in names}
+    to_mpp = float(spec.mpp if mpp is None else mpp)
+    if not to_mpp > 0:
+        raise CerberusError(f"--mpp must be microns per pixel > 0, got {mpp}")
     out = Path(out) / spec.name
-    report = ExtractionReport()
     class_tasks = [a.task for a in spec.annotations if a.kinds == ("class",)]
+    if not class_tasks:
+        windows((win_size, win_size), win_size, step_size, mode)  # bad --win-size/--step-size/--mode: fail first
+    lo, hi = min(image_mpps.values()), max(image_mpps.values())
+    for m in {lo, hi}:
+        message = far_message(f"dataset {spec.name!r}", m, to_mpp)
+        if message:
+            warnings.warn(message, stacklevel=2)
+            break
+    _check_meta(out, {"dataset": spec.name, "mpp": to_mpp, "win_size": None if class_tasks else win_size,
+                      "step_size": None if class_tasks else step_size, "mode": None if class_tasks else mode,
+                      "dataset_mpp": float(spec.mpp), "image_mpp_range": [lo, hi]})
+    report = ExtractionReport(mpp=to_mpp)
     image_classes = {t: spec.image_classes(t) for t in class_tasks}
     for name in tqdm(names, desc=f"extract {spec.name}", unit="image", disable=None if progress else True):
         folder = out / f"split_{splits[name]}" / (f"{win_size}_{step_size}" if not class_tasks else "")
@@ -115,15 +169,17 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
             continue
         image = spec.read_image(name)
         shape = image.shape[:2]
+        to_shape = scaled_shape(shape, image_mpps[name], to_mpp)
+        image = resample_image(image, to_shape)
         written = []
         if class_tasks:  # patch classification: the whole image is the patch
             arrays = {"image": image, **{f"{t}_class": np.int32(image_classes[t][name]) for t in class_tasks}}
             _save_npz(folder / f"{name}.npz", arrays)
             written.append(f"{name}.npz")
         else:
-            mask = spec.read_mask(name, shape)
-            maps = {"image": image, "_mask": mask, **_label_maps(spec, name, shape)}
-            pads, origins = windows(shape, win_size, step_size, mode)
+            mask = resample_map(spec.read_mask(name, shape), to_shape)
+            maps = {"image": image, "_mask": mask, **_label_maps(spec, name, shape, to_shape)}
+            pads, origins = windows(to_shape, win_size, step_size, mode)
             if any(a or b for a, b in pads):
                 maps = {k: np.pad(v, pads + [(0, 0)] * (v.ndim - 2), mode="reflect") for k, v in maps.items()}
             for idx, (y, x) in enumerate(origins):
@@ -136,7 +192,8 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
                 written.append(fname)
         report.images += 1
         report.patches += len(written)
-        atomic_write_bytes(marker, json.dumps({"patches": written}).encode())
+        atomic_write_bytes(marker, json.dumps({"patches": written, "image_mpp": image_mpps[name],
+                                               "mpp": to_mpp}).encode())
     return report
 
 

@@ -102,6 +102,9 @@ class TrainConfig:
         model: fields of :class:`~cerberus_histo.config.ModelConfig` for a new model (encoder, patch_shape ...).
         heads: per head name, ``loss_weight``/``ce_weight``/``dice_weight`` overriding the task's defaults.
         class_weights: per task name, one type-loss weight per class (index 0, background, ignored).
+        sources: written by the run, read by nobody: each data source's folder, heads, the resolution its
+            patches reached the model at (``mpp``), the range of its images' own (``dataset_mpp``, [min, max])
+            and whether it was validated.
     """
 
     batch_size: int = 12
@@ -122,6 +125,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     heads: dict = field(default_factory=dict)
     class_weights: dict = field(default_factory=dict)
+    sources: list = field(default_factory=list)
 
     def __post_init__(self):
         for key, low in (("batch_size", 1), ("max_steps", 1), ("val_every", 1), ("val_max_samples", 1),
@@ -155,6 +159,8 @@ class TrainConfig:
         for key in ("model", "heads", "class_weights"):
             if not isinstance(getattr(self, key), dict):
                 raise ConfigError(f"{key} must be a mapping, got {getattr(self, key)!r}")
+        if not isinstance(self.sources, (list, tuple)):
+            raise ConfigError(f"sources must be a list (it is written by the run), got {self.sources!r}")
         for name, value in self.heads.items():
             if not isinstance(value, dict):
                 raise ConfigError(f"heads.{name} must be a mapping of loss_weight/ce_weight/dice_weight")

@@ -79,8 +79,9 @@ class PatchSet:
             elif head.kind == "inst":
                 if has:
                     inst = fix_mirror_padding(maps[name])
-                    label = instance_target(inst, task.inst_kernel)
-                    weight = separation_weight(label == 1, task.inst_kernel) if self.train else np.ones(hw, np.float32)
+                    k = task.kernel_px(self.config.mpp)
+                    label = instance_target(inst, k)
+                    weight = separation_weight(label == 1, k) if self.train else np.ones(hw, np.float32)
                 else:
                     label, weight = np.zeros(hw, np.uint8), np.ones(hw, np.float32)
                 out[f"target/{name}"] = label.astype(np.int64)

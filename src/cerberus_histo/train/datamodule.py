@@ -4,7 +4,10 @@ A *source* is one dataset folder and the heads it labels, for example the nuclei
 ``nuclei-inst`` and ``nuclei-type``. A folder is either the output of ``cerberus extract-patches`` (``.npz``
 files under ``split_k/`` folders) or a dataset folder (``dataset.yaml``), whose patches are then extracted
 into the run folder first. With ``fold = k`` the samples of split ``k`` validate and the other splits train
-(the original trained on one split only); ``fold = 0`` trains on everything and skips validation.
+(the original trained on one split only); a source without split ``k`` (while another has it) trains on all its
+samples; ``fold = 0`` trains on everything and skips validation. Every source reaches the model at the model's
+resolution (``ModelConfig.mpp``): dataset folders are extracted at it, and patch folders must have been (their
+``patches.json`` says).
 """
 
 from __future__ import annotations
@@ -34,35 +37,57 @@ class Source:
     heads: tuple[str, ...]
 
 
-def resolve_folder(source: Source, config: ModelConfig, work_dir: Path, progress: bool = True) -> Path:
-    """The patch folder of a source, extracting the patches of a dataset folder into ``work_dir`` first."""
+def resolve_folder(source: Source, config: ModelConfig, work_dir: Path, progress: bool = True) -> tuple[Path, dict]:
+    """``(patch folder, record)`` of a source: a dataset folder's patches are first extracted into ``work_dir``
+    at the model's mpp; a patch folder must hold patches at the model's mpp. The record (folder, heads, the
+    patches' ``mpp`` and the range of the images' own, ``dataset_mpp``) goes into ``train.yaml``."""
+    from ..data.patches import extract_patches, read_meta
+    from ..data.resolution import same_mpp
+
     folder = Path(source.folder)
     if not folder.is_dir():
         raise CerberusError(f"{folder}: data folder not found")
+    record = {"folder": str(folder), "heads": list(source.heads), "mpp": config.mpp}
     if (folder / "dataset.yaml").is_file():
         from ..data.dataset import load_dataset
-        from ..data.patches import extract_patches
 
+        spec = load_dataset(folder)
         size = config.patch_shape
         win = 2 * size + 100  # the original's 996 for 448: room for rotation and scaling before the centre crop
-        report = extract_patches(folder, work_dir / "patches", win, size, "mirror", progress)
+        report = extract_patches(folder, work_dir / "patches", win, size, "mirror", progress, mpp=config.mpp)
         if report.patches == 0 and report.skipped_images == 0:
             raise CerberusError(f"{folder}: no patches could be extracted (no labelled tissue?)")
-        return work_dir / "patches" / load_dataset(folder).name
-    return folder
+        mpps = [spec.image_mpp(n) for n in spec.names()]
+        record["dataset_mpp"] = [min(mpps), max(mpps)]
+        return work_dir / "patches" / spec.name, record
+    patch_files(folder)  # an empty folder is its own error
+    metas = [(p.parent, read_meta(p.parent)) for p in sorted(folder.rglob("patches.json"))]
+    if not metas:
+        raise CerberusError(f"{folder}: no patches.json, so the patches' resolution is unknown; extract them with "
+                            f"cerberus extract-patches --mpp {config.mpp:g}, or give the dataset folder")
+    for where, meta in metas:
+        if not same_mpp(meta["mpp"], config.mpp):
+            raise CerberusError(f"{where}: patches at {meta['mpp']:g} um/px but the model works at {config.mpp:g}; "
+                                f"re-extract them with --mpp {config.mpp:g}, or give the dataset folder")
+    ranges = [m.get("image_mpp_range", [m["mpp"], m["mpp"]]) for _, m in metas]
+    record["dataset_mpp"] = [min(r[0] for r in ranges), max(r[1] for r in ranges)]
+    return folder, record
 
 
 def splits_of(folder: Path) -> list[int]:
     return sorted({int(m.group(1)) for p in folder.rglob("split_*") if p.is_dir() and (m := _SPLIT.match(p.name))})
 
 
-def fold_files(folder: Path, fold: int) -> tuple[list[Path], list[Path]]:
-    """Training and validation patch files of ``folder`` for ``fold`` (see the module docstring)."""
+def fold_files(folder: Path, fold: int, strict: bool = True) -> tuple[list[Path], list[Path]]:
+    """Training and validation patch files of ``folder`` for ``fold`` (see the module docstring). A folder
+    without split ``fold`` is an error, or with ``strict=False`` trains on all its patches and validates none."""
     every = patch_files(folder)  # an empty folder is its own error
     if fold == 0:
         return every, []
     splits = splits_of(folder)
     if fold not in splits:
+        if not strict:
+            return every, []
         found = ", ".join(map(str, splits)) or "none"
         raise CerberusError(f"{folder}: --fold {fold} needs a split_{fold} folder (splits found: {found}); "
                             "use --fold 0 to train on all patches without validation")

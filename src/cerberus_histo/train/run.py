@@ -144,7 +144,7 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from .datamodule import CerberusData, fold_files, resolve_folder
+    from .datamodule import CerberusData, fold_files, resolve_folder, splits_of
     from .module import CerberusModule
 
     cfg = train_config or TrainConfig()
@@ -166,10 +166,16 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model, origin = build_model(heads, cfg, pretrained)
     cfg = cfg.replace(val_every=min(cfg.val_every, cfg.max_steps))
+    folders, records = zip(*[resolve_folder(s, model.config, log_dir, progress) for s in sources], strict=True)
+    with_fold = [f for f in folders if fold in splits_of(f)]
     resolved = []
-    for s in sources:
-        folder = resolve_folder(s, model.config, log_dir, progress)
-        resolved.append((Source(folder, s.heads), *fold_files(folder, fold)))
+    for s, folder, record in zip(sources, folders, records, strict=True):
+        files = fold_files(folder, fold, strict=not with_fold)  # every source lacking the fold is an error
+        if fold and not files[1]:
+            warnings.warn(f"{folder} has no split {fold}: all its patches train, none validate", stacklevel=2)
+        record["validated"] = bool(files[1])
+        resolved.append((Source(folder, s.heads), *files))
+    cfg = cfg.replace(sources=list(records))
     data = CerberusData(resolved, model.config, cfg, mix=mix)
     module = CerberusModule(model, cfg, trainable)
     validate = bool(data.val_sets)
