@@ -76,3 +76,50 @@ def test_bad_input_names_the_file(data, tmp_path):
     write_label(pred / "extra.npz", Annotation(np.zeros((5, 5), np.int32)))
     with pytest.raises(Exception, match="extra.npz has no ground truth"):
         evaluate("nuclei", pred, data / "truth")
+
+
+def _infer_tile_npz(path, arrays: dict, mpp: float, scale: float) -> None:
+    """A file as ``infer-tile`` writes it: maps at the model's resolution plus the ``meta`` frame."""
+    meta = {"mpp": mpp, "processing_mpp": mpp * scale, "scale": scale, "offset": [0.0, 0.0]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays, meta=np.array(json.dumps(meta)))
+
+
+def test_infer_tile_output_is_scored_as_it_is(tmp_path):
+    """An infer-tile folder at the model's 0.5 um/px scores against truth at 0.25 um/px without glue code."""
+    spec = write_tiles(tmp_path / "truth", 2, 192, seed=6, tasks=("nuclei", "lumen", "tissue"), progress=False)
+    for name in spec.names():
+        nuc = spec.read_annotation(name, "nuclei")
+        half = nuc.inst_map[::2, ::2]  # the model saw the image at half the resolution
+        types = np.zeros_like(half)
+        for i, c in zip(nuc.ids, nuc.classes, strict=True):
+            types[half == i] = c
+        cells = spec.read_annotation(name, "tissue").class_map[8::16, 8::16]
+        _infer_tile_npz(tmp_path / "pred" / f"{name}.npz", {"nuclei_inst": half, "nuclei_type": types,
+                                                           "tissue_class": cells.astype(np.uint8)}, 0.25, 2.0)
+    (tmp_path / "pred" / f"{spec.names()[0]}.geojson").write_text("{}")  # the other outputs are ignored
+    s = evaluate("nuclei", tmp_path / "pred", spec.root, mpp=0.25)["summary"]
+    assert s["pq_mean"] > 0.75 and s["detection_f1"] > 0.97 and s["type_accuracy"] == 1.0, s
+    t = evaluate("tissue", tmp_path / "pred", spec.root)["summary"]
+    assert t["accuracy"] > 0.9, t
+    assert_clean_error(run_cli("evaluate", "--task", "lumen", "--pred", tmp_path / "pred", "--true", spec.root),
+                       "no lumen head")
+
+
+def test_per_image_tissue_classes_and_one_split(tmp_path):
+    """A patch-classification dataset (classes.csv) is the truth of per-image tissue classes; --split keeps one
+    split's images; detection radii follow each image's resolution."""
+    from cerberus_histo.data.synthetic import write_patches
+
+    spec = write_patches(tmp_path / "tissue", 2, 64, progress=False)
+    table = spec.image_classes("tissue")
+    for name in spec.names(1):
+        cells = np.full((2, 2), table[name], np.uint8)
+        cells[0, 0] = 0  # the most frequent class of the map is the tile's
+        _infer_tile_npz(tmp_path / "pred" / f"{name}.npz", {"tissue_class": cells}, 0.5, 1.0)
+    proc = run_cli("evaluate", "--task", "tissue", "--pred", tmp_path / "pred", "--true", spec.root, "--split", "1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "pred" / "evaluation_tissue.json").read_text())
+    assert result["n_images"] == len(spec.names(1)) and result["summary"]["accuracy"] == 1.0
+    assert_clean_error(run_cli("evaluate", "--task", "tissue", "--pred", tmp_path / "pred", "--true", spec.root),
+                       "has no prediction")

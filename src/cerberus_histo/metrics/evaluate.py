@@ -1,7 +1,11 @@
-"""``cerberus evaluate``: score a folder of predicted label files against a folder of true ones.
+"""``cerberus evaluate``: score predictions against the truth, matching images by name.
 
-Files are matched by name (``NAME.npz`` or ``NAME.mat``). A folder holding a ``dataset.yaml`` (the common
-layout) is read at its labels folder for the task. Each file holds, as the dataset layout does:
+The truth is a folder of label files (``NAME.npz`` or ``NAME.mat``) or a dataset folder (``dataset.yaml``, read
+at its labels for the task, or at its ``classes.csv`` for per-image tissue classes; ``split`` keeps one split's
+images). The predictions are a folder of label files in the same layout, or an ``infer-tile`` output folder as it
+is: its ``NAME.npz`` maps (``{task}_inst``, ``{task}_type``, ``tissue_class``) are at the model's resolution and
+are brought to the truth's shape by nearest neighbour; a per-image tissue class is the most frequent class of
+the predicted map. Label files hold, as the dataset layout does:
 
 - instance tasks: ``inst_map`` and either ``id`` + ``class`` (one class per instance) or ``type_map``;
 - ``tissue``: ``class_map`` (per-pixel classes; scored pixel by pixel) or a scalar ``class`` (per image).
@@ -9,7 +13,8 @@ layout) is read at its labels folder for the task. Each file holds, as the datas
 Per task:
 
 - ``nuclei``: per-image Dice, AJI, AJI+, DICE2, PQ/DQ/SQ and mPQ (means over images); pooled binary PQ+ and
-  mPQ+ (CoNIC); detection F1 and per-class F1 with centroids paired within ``radius_um`` (HoVer-Net);
+  mPQ+ (CoNIC); detection F1 and per-class F1 with centroids paired within ``radius_um`` (HoVer-Net), in
+  microns at each image's resolution (the truth dataset's ``mpp``/``mpps.csv``, or ``mpp`` when given);
 - ``gland`` / ``lumen``: per-image Dice and PQ; GlaS object F1, object Dice and object Hausdorff (per-image
   means and pooled); for glands with classes, mPQ+;
 - ``tissue``: accuracy, balanced accuracy, macro F1 and the confusion matrix.
@@ -33,20 +38,50 @@ from .instance import MPQPlus, aji, aji_plus, dice, dice2, instance_types, pq
 TASKS = ("nuclei", "gland", "lumen", "tissue")
 #: classes of each task's type head (background excluded), the built-in task specs'
 NUM_CLASSES = {"nuclei": 6, "gland": 2, "lumen": 0, "tissue": 9}
+DEFAULT_MPP = 0.5
 
 
-def _label_dir(folder: Path, task: str) -> Path:
-    if not folder.is_dir():
-        raise CerberusError(f"{folder}: folder not found")
-    if (folder / "dataset.yaml").is_file():
+class _Truth:
+    """The true labels of one task: ``{name: path}`` of label files, or per-image classes, and resolutions."""
+
+    def __init__(self, folder: Path, task: str, split: int | None):
+        if not folder.is_dir():
+            raise CerberusError(f"{folder}: folder not found")
+        self.classes: dict[str, int] | None = None
+        self.mpps: dict[str, float] = {}
+        if not (folder / "dataset.yaml").is_file():
+            if split is not None:
+                raise CerberusError(f"--split needs a dataset folder (dataset.yaml) as --true, not {folder}")
+            self.dir, self.files = folder, _files(folder)
+            return
         from ..data.dataset import load_dataset
 
         spec = load_dataset(folder)
+        names = spec.names(split)
+        self.mpps = {n: spec.image_mpp(n) for n in names}
         ann = spec.annotation(task)
-        if ann.dir is None:
-            raise CerberusError(f"{folder}: the {task} labels are per image in {ann.csv}, not label files")
-        return spec.root / ann.dir
-    return folder
+        if ann.dir is None:  # per-image classes (a tissue patch set)
+            table = spec.image_classes(task)
+            self.dir, self.files, self.classes = spec.root, {n: spec.image_path(n) for n in names}, table
+            return
+        self.dir = spec.root / ann.dir
+        files = _files(self.dir)
+        self.files = {n: files[n] for n in names if n in files}
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise CerberusError(f"{self.dir}: no label file for image {missing[0]!r} of {spec.root / spec.split_csv}")
+
+    def read(self, name: str) -> dict[str, np.ndarray]:
+        if self.classes is not None:
+            return {"class": np.int64(self.classes[name])}
+        return _read(self.files[name])
+
+    def shape(self, name: str, data: dict) -> tuple[int, int] | None:
+        """The truth's map shape (``None`` for a per-image class)."""
+        for key in ("inst_map", "class_map"):
+            if key in data:
+                return np.asarray(data[key]).shape[:2]
+        return None
 
 
 def _files(folder: Path) -> dict[str, Path]:
@@ -69,6 +104,31 @@ def _read(path: Path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same user error
         raise CerberusError(f"{path} is not a readable label file ({type(exc).__name__})") from None
+
+
+def _nearest(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from ..data.resolution import resample_map  # pure NumPy
+
+    return resample_map(np.asarray(label), tuple(shape))
+
+
+def _prediction(data: dict, task: str, shape: tuple[int, int] | None, path: Path) -> dict[str, np.ndarray]:
+    """A predicted label file as the truth's layout: ``infer-tile`` maps (``{task}_inst`` ...) are brought to
+    the truth's ``shape``; label files pass unchanged."""
+    key = "tissue_class" if task == "tissue" else f"{task}_inst"
+    if "meta" not in data or ("inst_map" in data or "class_map" in data or "class" in data):
+        return data  # a label file
+    if key not in data:
+        raise CerberusError(f"{path}: an infer-tile result without {key!r}: the model has no {task} head")
+    if task == "tissue":
+        cells = np.asarray(data[key]).astype(np.int64)
+        if shape is None:  # one class per image: the most frequent predicted class
+            return {"class": np.int64(np.bincount(cells.ravel()).argmax())}
+        return {"class_map": _nearest(cells, shape)}
+    out = {"inst_map": _nearest(data[key], shape)}
+    if f"{task}_type" in data:
+        out["type_map"] = _nearest(data[f"{task}_type"], shape)
+    return out
 
 
 def _instances(data: dict, path: Path):
@@ -105,32 +165,51 @@ def _nanmean(values) -> float:
     return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
-def evaluate(task: str, pred_dir: str | Path, true_dir: str | Path, mpp: float = 0.5, radius_um: float = 3.0,
-             num_classes: int | None = None) -> dict:
-    """Scores of ``pred_dir`` against ``true_dir`` (see the module docstring) as a JSON-ready dict."""
+def evaluate(task: str, pred_dir: str | Path, true_dir: str | Path, mpp: float | None = None,
+             radius_um: float = 3.0, num_classes: int | None = None, split: int | None = None) -> dict:
+    """Scores of ``pred_dir`` against ``true_dir`` (see the module docstring) as a JSON-ready dict. ``mpp``
+    (the truth's resolution, for the detection radius) defaults to the truth dataset's, else 0.5."""
     if task not in TASKS:
         raise CerberusError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    pred_dir, true_dir = _label_dir(Path(pred_dir), task), _label_dir(Path(true_dir), task)
-    preds, trues = _files(pred_dir), _files(true_dir)
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise CerberusError(f"{pred_dir}: folder not found")
+    if (pred_dir / "dataset.yaml").is_file():
+        pred_dir = _Truth(pred_dir, task, None).dir
+    truth = _Truth(Path(true_dir), task, split)
+    preds, trues = _files(pred_dir), truth.files
     if not trues:
-        raise CerberusError(f"{true_dir}: no .npz or .mat label files")
+        raise CerberusError(f"{truth.dir}: no .npz or .mat label files")
     for name in trues:
         if name not in preds:
-            raise CerberusError(f"{true_dir / trues[name].name} has no prediction: expected {pred_dir / name}.npz")
-    for name in preds:
-        if name not in trues:
-            raise CerberusError(f"{preds[name]} has no ground truth: expected {true_dir / name}.npz")
+            raise CerberusError(f"{trues[name]} has no prediction: expected {pred_dir / name}.npz")
+    if split is None:
+        for name in preds:
+            if name not in trues:
+                raise CerberusError(f"{preds[name]} has no ground truth: expected {truth.dir / name}.npz")
+
+    def pairs():
+        for name in sorted(trues):
+            t = truth.read(name)
+            yield name, t, _prediction(_read(preds[name]), task, truth.shape(name, t), preds[name])
+
     n_cls = NUM_CLASSES[task] if num_classes is None else num_classes
     if task == "tissue":
-        return _evaluate_tissue(preds, trues, n_cls)
+        result = _evaluate_tissue(pairs(), n_cls, preds, trues)
+    else:
+        result = _evaluate_instances(task, pairs(), n_cls, preds, trues, truth.mpps, mpp, radius_um)
+    return {"task": task, "n_images": len(trues), "pred": str(pred_dir), "true": str(truth.dir), **result}
+
+
+def _evaluate_instances(task, pairs, n_cls, preds, trues, mpps, mpp, radius_um) -> dict:
     per_image: dict[str, dict] = {}
     mpq = MPQPlus(n_cls) if n_cls > 0 else None
-    det = DetectionAccumulator(radius_um=radius_um, mpp=mpp) if task == "nuclei" else None
+    det = DetectionAccumulator(radius_px=radius_um) if task == "nuclei" else None  # centroids in microns
     glas = GlaSAccumulator() if task != "nuclei" else None
     typed = True
-    for name in sorted(trues):
-        t_inst, t_types = _instances(_read(trues[name]), trues[name])
-        p_inst, p_types = _instances(_read(preds[name]), preds[name])
+    for name, t_data, p_data in pairs:
+        t_inst, t_types = _instances(t_data, trues[name])
+        p_inst, p_types = _instances(p_data, preds[name])
         if t_inst.shape != p_inst.shape:
             raise CerberusError(f"{preds[name]}: shape {p_inst.shape} differs from the truth {t_inst.shape} "
                                 f"({trues[name]})")
@@ -142,8 +221,9 @@ def evaluate(task: str, pred_dir: str | Path, true_dir: str | Path, mpp: float =
         if typed:
             row["mpq"] = mpq.update(t_inst, t_types, p_inst, p_types).mpq
         if det is not None:
+            um = float(mpp if mpp is not None else mpps.get(name, DEFAULT_MPP))
             (txy, tt), (pxy, pt) = _centroids(t_inst, t_types), _centroids(p_inst, p_types)
-            det.update(txy, tt if typed else None, pxy, pt if typed else None)
+            det.update(txy * um, tt if typed else None, pxy * um, pt if typed else None)
         if glas is not None:
             g = glas.update(t_inst, p_inst)
             row.update(object_f1=g.f1, object_dice=g.object_dice, object_hausdorff=g.object_hausdorff)
@@ -161,14 +241,12 @@ def evaluate(task: str, pred_dir: str | Path, true_dir: str | Path, mpp: float =
         pooled = glas.pooled
         summary.update(object_f1_pooled=pooled.f1, object_dice_pooled=pooled.object_dice,
                        object_hausdorff_pooled=pooled.object_hausdorff)
-    return {"task": task, "n_images": len(per_image), "pred": str(pred_dir), "true": str(true_dir),
-            "summary": summary, "per_image": per_image}
+    return {"summary": summary, "per_image": per_image}
 
 
-def _evaluate_tissue(preds: dict, trues: dict, n_cls: int) -> dict:
+def _evaluate_tissue(pairs, n_cls: int, preds: dict, trues: dict) -> dict:
     t_all, p_all, per_image = [], [], {}
-    for name in sorted(trues):
-        t, p = _read(trues[name]), _read(preds[name])
+    for name, t, p in pairs:
         key = "class_map" if "class_map" in t else "class"
         if key not in t or key not in p:
             raise CerberusError(f"{trues[name]} / {preds[name]}: both need 'class_map' (or a scalar 'class')")
@@ -181,7 +259,7 @@ def _evaluate_tissue(preds: dict, trues: dict, n_cls: int) -> dict:
     r = classification_metrics(np.concatenate(t_all), np.concatenate(p_all), n_cls)
     summary = {"accuracy": r.accuracy, "balanced_accuracy": r.balanced_accuracy, "macro_f1": r.macro_f1,
                "confusion": np.asarray(r.confusion).tolist()}
-    return {"task": "tissue", "n_images": len(per_image), "summary": summary, "per_image": per_image}
+    return {"summary": summary, "per_image": per_image}
 
 
 def write_json(result: dict, path: Path) -> None:
