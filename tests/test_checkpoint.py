@@ -4,14 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REFERENCE, assert_clean_error, run_cli
+from conftest import assert_clean_error, run_cli
 from original_net import OUTPUT_NAMES, SETTINGS, OriginalNet, randomise
 
 from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.errors import CerberusError
 from cerberus_histo.models.checkpoint import import_original, load_encoder_weights, map_original_key
 
-TSV = REFERENCE / "original-cerberus-state-dict.tsv"
+TSV = Path(__file__).parent / "data" / "original-cerberus-state-dict.tsv"  # a copy of ../shared/reference's list
 
 
 def _tsv_rows():
