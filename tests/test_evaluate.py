@@ -78,9 +78,9 @@ def test_bad_input_names_the_file(data, tmp_path):
         evaluate("nuclei", pred, data / "truth")
 
 
-def _infer_tile_npz(path, arrays: dict, mpp: float, scale: float) -> None:
+def _infer_tile_npz(path, arrays: dict, mpp: float, scale: float, cell: int = 16) -> None:
     """A file as ``infer-tile`` writes it: maps at the model's resolution plus the ``meta`` frame."""
-    meta = {"mpp": mpp, "processing_mpp": mpp * scale, "scale": scale, "offset": [0.0, 0.0]}
+    meta = {"mpp": mpp, "processing_mpp": mpp * scale, "scale": scale, "offset": [0.0, 0.0], "tissue_cell": cell}
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays, meta=np.array(json.dumps(meta)))
 
@@ -94,9 +94,9 @@ def test_infer_tile_output_is_scored_as_it_is(tmp_path):
         types = np.zeros_like(half)
         for i, c in zip(nuc.ids, nuc.classes, strict=True):
             types[half == i] = c
-        cells = spec.read_annotation(name, "tissue").class_map[8::16, 8::16]
+        cells = spec.read_annotation(name, "tissue").class_map[7::14, 7::14]  # 14 cells of 7 model px: 98 > 96 px
         _infer_tile_npz(tmp_path / "pred" / f"{name}.npz", {"nuclei_inst": half, "nuclei_type": types,
-                                                           "tissue_class": cells.astype(np.uint8)}, 0.25, 2.0)
+                                                           "tissue_class": cells.astype(np.uint8)}, 0.25, 2.0, 7)
     (tmp_path / "pred" / f"{spec.names()[0]}.geojson").write_text("{}")  # the other outputs are ignored
     s = evaluate("nuclei", tmp_path / "pred", spec.root, mpp=0.25)["summary"]
     assert s["pq_mean"] > 0.75 and s["detection_f1"] > 0.97 and s["type_accuracy"] == 1.0, s

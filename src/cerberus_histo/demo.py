@@ -323,7 +323,7 @@ def _infer_tiles(ctx: _Context) -> dict:
 def _evaluate(ctx: _Context) -> dict:
     from .demo_report import evaluate_tiles
 
-    return evaluate_tiles(ctx.out, ctx.results["train"]["cell"])
+    return evaluate_tiles(ctx.out)
 
 
 def _slide(ctx: _Context) -> dict:

@@ -115,10 +115,10 @@ def compare_figure(image: np.ndarray, truth: dict[str, dict], pred_overlay: np.n
     return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], 1)
 
 
-def evaluate_tiles(out: Path, cell: int) -> dict:
-    """Score the tile predictions of ``out/tiles`` against ``out/data/test``: label files per task in
-    ``out/evaluation/pred/TASK`` (what ``cerberus evaluate`` reads), ``evaluate`` per task, the JSON of each, and
-    ``image | truth | prediction`` pictures."""
+def evaluate_tiles(out: Path) -> dict:
+    """Score the tile predictions of ``out/tiles`` (an ``infer-tile`` output folder, read as it is, as ``cerberus
+    evaluate`` does) against ``out/data/test``: ``evaluate`` per task, the JSON of each, and ``image | truth |
+    prediction`` pictures."""
     from .data.dataset import load_dataset
     from .io.readers import read_image
     from .metrics.evaluate import evaluate
@@ -130,15 +130,6 @@ def evaluate_tiles(out: Path, cell: int) -> dict:
     names = sorted(spec.names())
     pictures = {}
     for name in names:
-        with np.load(out / "tiles" / f"{name}.npz") as z:
-            pred = {k: z[k] for k in z.files}
-        h, w = pred["nuclei_inst"].shape
-        for task in ("nuclei", "gland"):
-            _save(ev / "pred" / task / f"{name}.npz", inst_map=pred[f"{task}_inst"].astype(np.int32),
-                  type_map=pred[f"{task}_type"].astype(np.int32))
-        _save(ev / "pred" / "lumen" / f"{name}.npz", inst_map=pred["lumen_inst"].astype(np.int32))
-        tissue = np.repeat(np.repeat(pred["tissue_class"], cell, 0), cell, 1)[:h, :w]
-        _save(ev / "pred" / "tissue" / f"{name}.npz", class_map=tissue.astype(np.int32))
         image = read_image(spec.image_path(name))
         overlay = read_image(out / "tiles" / f"{name}_overlay.png")
         pic = ev / f"{name}_truth_vs_prediction.png"
@@ -146,7 +137,7 @@ def evaluate_tiles(out: Path, cell: int) -> dict:
         pictures[name] = str(pic.relative_to(out))
     metrics, files = {}, {}
     for task in TASKS:
-        r = evaluate(task, ev / "pred" / task, test)
+        r = evaluate(task, out / "tiles", test)
         s = r["summary"]
         if task == "nuclei" and s.get("f1_per_class"):
             s["type_f1"] = _nanmean(list(s["f1_per_class"].values()))
@@ -165,15 +156,7 @@ def evaluate_tiles(out: Path, cell: int) -> dict:
                 c[1] += len(np.unique(z[f"{task}_inst"])) - (1 if (z[f"{task}_inst"] == 0).any() else 0)
     return {"metrics": metrics, "objects_true_pred": counts, "files": files, "pictures": pictures,
             "tiles": names,
-            "command": "cerberus evaluate --task nuclei --pred {out}/evaluation/pred/nuclei --true {out}/data/test"}
-
-
-def _save(path: Path, **arrays) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+            "command": "cerberus evaluate --task nuclei --pred {out}/tiles --true {out}/data/test"}
 
 
 def _nanmean(values) -> float:
@@ -422,7 +405,7 @@ def write_index(out: Path, report: dict) -> None:
             page.table([task, "value"], [[label, _num(mt.get(key))] for label, key in HEADLINE[task]])
         page.links([(p, "all metrics, per image") for p in e["files"].values()])
         page.p("Reproduce from the command line:")
-        page.code(f"cerberus evaluate --task nuclei --pred {report.get('out', '.')}/evaluation/pred/nuclei "
+        page.code(f"cerberus evaluate --task nuclei --pred {report.get('out', '.')}/tiles "
                   f"--true {report.get('out', '.')}/data/test")
         page.h(3, "Truth next to prediction")
         page.p("Outlines: glands yellow (surface epithelium purple), lumina green, nuclei in their type's colour; "

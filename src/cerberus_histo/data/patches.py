@@ -19,8 +19,8 @@ sizes are in pixels at that resolution. Windows with no tissue-mask pixel are sk
 ``{task}_class``. Output: ``OUT/{dataset}/split_{k}/{win}_{step}/{image}-{idx:04d}.npz``, ``OUT/{dataset}/
 patches.json`` (the resolution, window, step and mode, and the images' own resolutions) and a marker per
 finished image, so a re-run skips finished images. A re-run with other settings into the same folder is an
-error rather than a mix of two patch sets. Reflect padding can duplicate an instance; the targets fix that at training time
-(:func:`cerberus_histo.data.targets.fix_mirror_padding`).
+error rather than a mix of two patch sets. Reflect padding can duplicate an instance; the targets fix that at
+training time (:func:`cerberus_histo.data.targets.fix_mirror_padding`).
 """
 
 from __future__ import annotations
@@ -151,11 +151,9 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
     if not class_tasks:
         windows((win_size, win_size), win_size, step_size, mode)  # bad --win-size/--step-size/--mode: fail first
     lo, hi = min(image_mpps.values()), max(image_mpps.values())
-    for m in {lo, hi}:
-        message = far_message(f"dataset {spec.name!r}", m, to_mpp)
-        if message:
-            warnings.warn(message, stacklevel=2)
-            break
+    message = far_message(f"dataset {spec.name!r}", max(lo, hi, key=lambda m: max(m / to_mpp, to_mpp / m)), to_mpp)
+    if message:
+        warnings.warn(message, stacklevel=2)
     _check_meta(out, {"dataset": spec.name, "mpp": to_mpp, "win_size": None if class_tasks else win_size,
                       "step_size": None if class_tasks else step_size, "mode": None if class_tasks else mode,
                       "dataset_mpp": float(spec.mpp), "image_mpp_range": [lo, hi]})

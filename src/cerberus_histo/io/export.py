@@ -315,7 +315,8 @@ def _smallest_uint(a: np.ndarray) -> np.ndarray:
 def write_label_maps(path: Path, results: Mapping, meta: Mapping | None = None) -> None:
     """Compressed ``.npz`` of the maps, at map resolution: ``{task}_inst`` and ``{task}_type`` per instance
     task, ``tissue_class`` (and ``tissue_prob``, float16) for the tissue task, in the smallest unsigned
-    integer type that holds them; ``meta`` (JSON text) records the frame (mpp, scale, offset)."""
+    integer type that holds them; ``meta`` (JSON text) records the frame (mpp, scale, offset and, for tiles,
+    ``tissue_cell``: map pixels per ``tissue_class`` value)."""
     arrays: dict[str, np.ndarray] = {}
     for task, res in results.items():
         if res.inst_map is not None:
@@ -445,7 +446,8 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
             elif fmt == "sqlite":
                 write_store(path, records, meta)
             elif fmt == "npz":
-                write_label_maps(path, results, {k: meta[k] for k in ("mpp", "processing_mpp", "scale", "offset")})
+                frame = ("mpp", "processing_mpp", "scale", "offset", "tissue_cell")
+                write_label_maps(path, results, {k: meta[k] for k in frame if k in meta})
             elif fmt == "hovernet":
                 write_hovernet_json(path, records, mag=round(10.0 / float(mpp), 2))
             elif fmt == "overlay":

@@ -124,6 +124,11 @@ def _prediction(data: dict, task: str, shape: tuple[int, int] | None, path: Path
         cells = np.asarray(data[key]).astype(np.int64)
         if shape is None:  # one class per image: the most frequent predicted class
             return {"class": np.int64(np.bincount(cells.ravel()).argmax())}
+        meta = json.loads(str(data["meta"]))
+        cell, scale = meta.get("tissue_cell"), float(meta.get("scale", 1.0))
+        if cell:  # each value covers cell x cell map pixels; the last cells may reach past the map
+            h, w = max(1, round(shape[0] / scale)), max(1, round(shape[1] / scale))
+            cells = np.repeat(np.repeat(cells, cell, 0), cell, 1)[:h, :w]
         return {"class_map": _nearest(cells, shape)}
     out = {"inst_map": _nearest(data[key], shape)}
     if f"{task}_type" in data:
