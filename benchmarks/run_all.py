@@ -48,6 +48,7 @@ class Bench:
     quick: tuple[str, ...] | None     # arguments with --quick
     gpu: tuple[tuple[str, ...], ...] = ()   # GPU runs (each one invocation)
     needs: str | None = None          # a module that must import, else the benchmark is skipped
+    data: Path | None = None          # a folder that must exist (../shared), else the benchmark is skipped
     timeout: int = 3600               # seconds per CPU run
     gpu_timeout: int = 120            # seconds per GPU run (gpu.sh has ~8 minutes in all)
 
@@ -75,6 +76,10 @@ BENCHES = (
     Bench("train_synthetic", "the six-head model trained on synthetic data for a fixed budget, held-out PQ / F1 / "
           "accuracy and samples per second",
           (), ("--steps", "60", "--tiles", "6", "--per-class", "10"), timeout=3 * 3600),
+    Bench("train_real", "a nuclei model trained on 10 real MoNuSeg images at 0.5 um/px for at most 20 CPU minutes "
+          "with the cerberus commands, scored on 3 held-out images (PQ, AJI, Dice, F1)",
+          (), ("--minutes", "1", "--steps", "40"), timeout=3600,
+          data=ROOT.parent / "shared" / "data" / "real" / "monuseg"),
     Bench("torchvision_parity", "torchvision's ResNet weights load into our encoders and give identical features",
           (), (), gpu=((),), needs="torchvision", timeout=600),
 )
@@ -204,6 +209,8 @@ def run_one(bench: Bench, args: tuple[str, ...], timeout: int, gpu: bool) -> dic
 
 
 def skip_reason(bench: Bench) -> str | None:
+    if bench.data is not None and not bench.data.is_dir():
+        return f"skipped: {bench.data} not found (the real dataset samples beside the project)"
     if bench.needs:
         import importlib.util
 
