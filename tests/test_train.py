@@ -182,7 +182,7 @@ def test_tiny_model_overfits_nuclei(tmp_path, monkeypatch):
     spec = write_tiles(tmp_path / "n", 3, 128, seed=3, tasks=("nuclei",), name="n", progress=False)
     extract_patches(spec.root, tmp_path / "p", 128, 64, "mirror", progress=False)
     files = sorted((tmp_path / "p" / "n").rglob("*.npz"))[:4]
-    monkeypatch.setattr(dm, "fold_files", lambda folder, fold: (files, files))  # validate on the training patches
+    monkeypatch.setattr(dm, "fold_files", lambda folder, fold, strict=True: (files, files))  # validate on them
     cfg = TrainConfig(batch_size=4, max_steps=300, val_every=300, val_fraction=1.0, optimizer={"lr": 3e-3},
                       model={"encoder": "tiny", "patch_shape": 64})
     summary = train([Source(tmp_path / "p" / "n", ("nuclei-inst",))], tmp_path / "o", cfg, progress=False)
