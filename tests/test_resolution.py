@@ -64,7 +64,7 @@ def test_extraction_brings_images_to_the_model_mpp_per_image(tmp_path):
 def test_far_resolution_warns_and_other_settings_are_refused(tmp_path):
     spec = write_tiles(tmp_path / "d", 2, 64, seed=2, tasks=("nuclei",), name="d", progress=False)
     _set_mpp(spec.root, 0.2)
-    with pytest.warns(UserWarning, match=r"0.2 um/px, 2.5x from the model's 0.5"):
+    with pytest.warns(UserWarning, match=r"0.2 um/px, 2.50x from the model's 0.5"):
         extract_patches(spec.root, tmp_path / "p", 16, 16, "valid", progress=False, mpp=0.5)
     with pytest.raises(CerberusError, match="would mix two patch sets"):
         extract_patches(spec.root, tmp_path / "p", 16, 16, "valid", progress=False, mpp=0.25)

@@ -70,6 +70,6 @@ def far_message(what: str, mpp: float, to_mpp: float) -> str | None:
     ratio = max(mpp, to_mpp) / min(mpp, to_mpp)
     if ratio <= FAR_FACTOR:
         return None
-    return (f"{what} is at {mpp:g} um/px, {ratio:.1f}x from the model's {to_mpp:g} um/px: "
+    return (f"{what} is at {mpp:g} um/px, {ratio:.2f}x from the model's {to_mpp:g} um/px: "
             f"{'detail is lost' if mpp < to_mpp else 'pixels are invented'} in resampling; "
             "is the resolution right, or should the model work at another mpp (params model.mpp)?")
