@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,15 @@ class DatasetSpec:
 
     def image_mpps(self) -> dict[str, float]:
         """``{name: mpp}`` of the images listed in ``mpp_csv`` (empty without one); values are checked."""
+        return dict(self._mpp_table)
+
+    def image_mpp(self, name: str) -> float:
+        """The resolution of one image: its row of ``mpp_csv``, else the dataset's ``mpp``."""
+        return self._mpp_table.get(name, float(self.mpp))
+
+    @functools.cached_property
+    def _mpp_table(self) -> dict[str, float]:
+        """``mpp_csv`` read once per spec."""
         if self.mpp_csv is None:
             return {}
         path = self.root / self.mpp_csv
@@ -235,10 +245,6 @@ class DatasetSpec:
                 raise CerberusError(f"{path} line {i}: Mpp must be microns per pixel (e.g. 0.25), got {row['Mpp']!r}")
             out[row["Filename"]] = value
         return out
-
-    def image_mpp(self, name: str) -> float:
-        """The resolution of one image: its row of ``mpp_csv``, else the dataset's ``mpp``."""
-        return self.image_mpps().get(name, float(self.mpp))
 
     def read_image(self, name: str) -> np.ndarray:
         return read_rgb(self.image_path(name))

@@ -35,8 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import CerberusError
+from ..io.readers import resize
 from .dataset import DatasetSpec, atomic_write_bytes, load_dataset
-from .resolution import far_message, resample_annotation, resample_image, resample_map, same_mpp, scaled_shape
+from .resolution import far_message, resample_annotation, resample_map, same_mpp, scaled_shape
 from .targets import type_target
 
 MODES = ("valid", "mirror")
@@ -168,7 +169,7 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
         image = spec.read_image(name)
         shape = image.shape[:2]
         to_shape = scaled_shape(shape, image_mpps[name], to_mpp)
-        image = resample_image(image, to_shape)
+        image = resize(image, to_shape[::-1])
         written = []
         if class_tasks:  # patch classification: the whole image is the patch
             arrays = {"image": image, **{f"{t}_class": np.int32(image_classes[t][name]) for t in class_tasks}}

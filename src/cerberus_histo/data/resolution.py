@@ -1,7 +1,7 @@
 """Bringing images and their labels to another resolution (microns per pixel) before they meet a model.
 
-Images are resampled with area averaging when they shrink and bilinear interpolation when they grow; instance
-and class maps by nearest neighbour, so ids and classes are kept as they are. Instances that vanish at the new
+Images are resampled with :func:`cerberus_histo.io.readers.resize` (area averaging when they shrink, bilinear
+when they grow); instance and class maps by nearest neighbour, so ids and classes are kept as they are. Instances that vanish at the new
 resolution are dropped from the ids and classes of the annotation (no orphans). Pure NumPy and OpenCV.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 
 from .dataset import Annotation
@@ -29,16 +28,6 @@ def scaled_shape(shape: tuple[int, int], mpp: float, to_mpp: float) -> tuple[int
         return int(shape[0]), int(shape[1])
     f = float(mpp) / float(to_mpp)
     return max(1, round(shape[0] * f)), max(1, round(shape[1] * f))
-
-
-def resample_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """An ``H x W (x C)`` uint8 image at ``shape``: area averaging when it shrinks, bilinear when it grows."""
-    h, w = image.shape[:2]
-    if (h, w) == tuple(shape):
-        return image
-    shrink = shape[0] * shape[1] < h * w
-    out = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return out.reshape(*shape, *image.shape[2:])
 
 
 def resample_map(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

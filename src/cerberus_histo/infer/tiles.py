@@ -162,7 +162,8 @@ def finish_tile(job: dict) -> dict:
     t1 = time.perf_counter()
     files = write_outputs(job["output"], job["stem"], results, job["config"], mpp=job["image_mpp"],
                           image=job["image"], scale=job["scale"], formats=job["formats"],
-                          centroids_only=job["centroids_only"], metadata={**job["metadata"], "tissue_cell": pred.cell})
+                          centroids_only=job["centroids_only"],
+                          metadata={**job["metadata"], "tissue_cell": pred.cell})
     t2 = time.perf_counter()
     timings = dict(job["timings"], **pred.timings, postprocess=t1 - t0, export=t2 - t1)
     counts = {t: len(r.instances) for t, r in results.items() if r.instances is not None}

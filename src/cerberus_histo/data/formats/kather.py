@@ -46,14 +46,14 @@ CLASSES_2016 = {"01_TUMOR": "abnormal_epi", "02_STROMA": "stroma", "03_COMPLEX":
                 "07_ADIPOSE": "adipose", "08_EMPTY": "background"}
 DEFAULT_MPP = 0.5
 DEFAULT_MPP_2016 = 0.495
-# set key -> (folder -> class, default mpp, description)
+# set key -> (name, folder -> class, default mpp, description)
 SETS = {
-    "2019": (CLASSES, DEFAULT_MPP, "Kather NCT-CRC-HE tissue patches (224 px, 0.5 um/px); round-robin splits"),
-    "2016": (CLASSES_2016, DEFAULT_MPP_2016,
+    "2019": ("NCT-CRC-HE-100K", CLASSES, DEFAULT_MPP,
+             "Kather NCT-CRC-HE tissue patches (224 px, 0.5 um/px); round-robin splits"),
+    "2016": ("Kather 2016 texture", CLASSES_2016, DEFAULT_MPP_2016,
              "Kather 2016 colorectal texture tiles (150 px, 0.495 um/px; complex stroma as stroma); "
              "round-robin splits"),
 }
-SET_NAMES = {"2019": "NCT-CRC-HE-100K", "2016": "Kather 2016 texture"}
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
@@ -61,7 +61,7 @@ def import_kather(src: Path, dst: Path, *, mpp: float | None = None, progress: b
     """Convert the Kather class folders under ``src`` (either set) into the common layout at ``dst``."""
     src = Path(src)
     key, folders = _class_folders(src)
-    classes, default_mpp, description = SETS[key]
+    _, classes, default_mpp, description = SETS[key]
     jobs = []
     for folder in folders:
         cls = classes[folder.name.upper()]
@@ -82,7 +82,7 @@ def import_kather(src: Path, dst: Path, *, mpp: float | None = None, progress: b
 def _set_of(name: str) -> str | None:
     """Which set a folder name belongs to ("2019", "2016"), or ``None``."""
     upper = name.upper()
-    return next((key for key, (classes, _, _) in SETS.items() if upper in classes), None)
+    return next((key for key, (_, classes, _, _) in SETS.items() if upper in classes), None)
 
 
 def _class_folders(src: Path) -> tuple[str, list[Path]]:
@@ -96,8 +96,8 @@ def _class_folders(src: Path) -> tuple[str, list[Path]]:
         found.setdefault(_set_of(d.name), d)
     if len(found) > 1:
         a, b = found["2019"], found["2016"]
-        raise CerberusError(f"{src} holds class folders of two Kather sets ({SET_NAMES['2019']}: {a}; "
-                            f"{SET_NAMES['2016']}: {b}); import each set into its own dataset")
+        raise CerberusError(f"{src} holds class folders of two Kather sets ({SETS['2019'][0]}: {a}; "
+                            f"{SETS['2016'][0]}: {b}); import each set into its own dataset")
     folders = direct or nested
     if not folders:
         names = " ".join(CLASSES) + " or " + " ".join(CLASSES_2016)
