@@ -9,7 +9,8 @@ central crops only and writes them into the region's maps. Every output pixel co
 Coordinates: a region is ``(x, y, width, height)`` in *model-resolution* pixels of the reader's image, i.e.
 level-0 pixel = model pixel x ``model.config.mpp / reader.mpp``. Dense heads give ``C x height x width`` maps;
 ``class`` heads (tissue type) give ``C x ceil(height / cell) x ceil(width / cell)`` maps, one value per ``cell``
-(the encoder's overall stride, 16 px) = the class of the patch of ``class_pool_cells`` cells centred on it.
+(the encoder's overall stride, 16 px) = the class of the patch of ``class_pool_cells`` cells centred on it, of which
+only the cells inside the image are averaged (what lies outside is read as white but does not vote).
 """
 
 from __future__ import annotations
@@ -110,13 +111,29 @@ class Predictor:
         return plan_tiles(width, height, self.geometry)
 
     # ---- the network on one batch --------------------------------------------------------------------
-    def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _forward(self, batch: torch.Tensor, inside: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Logits of a uint8 ``N x 3 x H x W`` batch already on the device (dense maps for every head)."""
-        return self.model.forward_dense(batch, self.heads)
+        return self.model.forward_dense(batch, self.heads, inside)
 
-    def _probs(self, batch: torch.Tensor, crops: Sequence[tuple[int, int, int, int]]) -> dict[str, list[torch.Tensor]]:
+    def _inside(self, tiles: Sequence[Tile], origin: tuple[int, int], extent: tuple[int, int],
+                shape: tuple[int, int]) -> torch.Tensor:
+        """``N x 1 x h x w``: the share of each window cell that lies inside the image (``extent`` = its width and
+        height in model pixels; ``origin`` = the region's place in it), for the tissue head's neighbourhood mean."""
+        c = self.cell
+
+        def axis(start: int, n: int, length: int) -> np.ndarray:
+            lo = start + np.arange(n) * c
+            return np.clip(np.minimum(lo + c, length) - np.maximum(lo, 0), 0, c) / c
+
+        maps = [np.outer(axis(origin[1] + t.window[1], cell_count(shape[0], c), extent[1]),
+                         axis(origin[0] + t.window[0], cell_count(shape[1], c), extent[0])) for t in tiles]
+        return torch.from_numpy(np.stack(maps)[:, None].astype(np.float32)).to(self.device)
+
+    def _probs(self, batch: torch.Tensor, crops: Sequence[tuple[int, int, int, int]],
+               inside: torch.Tensor | None = None) -> dict[str, list[torch.Tensor]]:
         """Softmax probabilities (float32, CPU) of each window's crop: ``crops[i]`` = (x0, y0, x1, y1) in window
-        pixels for dense heads; class heads return their whole cell maps. Flips are averaged with ``tta``."""
+        pixels for dense heads; class heads return their whole cell maps (``inside``: see :meth:`_inside`). Flips
+        are averaged with ``tta``."""
         dtype = PRECISIONS[self.precision]
         kind = self.device.type
         flips = TTA_FLIPS if self.tta else ((),)
@@ -126,7 +143,8 @@ class Predictor:
         with torch.inference_mode(), torch.autocast(kind, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             for dims in flips:
                 x = batch.flip(dims) if dims else batch
-                out = self._forward(x.contiguous(memory_format=torch.channels_last))
+                w = inside.flip(dims) if dims and inside is not None else inside
+                out = self._forward(x.contiguous(memory_format=torch.channels_last), w)
                 for name, logits in out.items():
                     logits = logits.flip(dims) if dims else logits
                     if name not in self.class_heads:
@@ -176,13 +194,15 @@ class Predictor:
             shape = (c, *n_cells) if name in self.class_heads else (c, height, width)
             probs[name] = np.zeros(shape, np.float32 if name in self.class_heads else self.prob_dtype)
         wh, ww = plan.window_shape
+        extent = self.full_region(reader)[2:]
         for b in range(0, len(tiles), self.batch_size):
             chunk = tiles[b:b + self.batch_size]
             t0 = time.perf_counter()
             windows = np.stack([block[t.window[1] - ry0:t.window[1] - ry0 + wh, t.window[0] - rx0:t.window[0] - rx0 + ww]
                                 for t in chunk])
             batch = torch.from_numpy(windows).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
-            out = self._probs(batch, [t.crop_in_window for t in chunk])
+            inside = self._inside(chunk, (x, y), extent, (wh, ww)) if self.class_heads else None
+            out = self._probs(batch, [t.crop_in_window for t in chunk], inside)
             t1 = time.perf_counter()
             timings["forward"] += t1 - t0
             for name, maps in out.items():

@@ -87,15 +87,21 @@ class ClassHead(nn.Sequential):
         x = feat.mean(dim=(-2, -1), keepdim=True)
         return super().forward(x).flatten(1)
 
-    def dense(self, feat: torch.Tensor, cells: int | None = None) -> torch.Tensor:
+    def dense(self, feat: torch.Tensor, cells: int | None = None, inside: torch.Tensor | None = None) -> torch.Tensor:
         """Dense logits ``N x C x h x w`` at the feature map's resolution: cell ``(i, j)`` is classified from the
         average of the ``cells x cells`` cells centred on it (default ``pool_cells``, or 9 when that is ``None``),
         i.e. as the patch of that many cells centred on the cell. Where the neighbourhood reaches past the map only
-        the cells inside are averaged. Equals :meth:`forward` on a ``cells x cells`` map at its centre cell; meant
-        for eval mode (dropout is skipped)."""
+        the cells inside are averaged; ``inside`` (``N x 1 x h x w``, the share of each cell that lies inside the
+        image) weighs the average, so that what lies outside the image (read as white) does not vote. Equals
+        :meth:`forward` on a ``cells x cells`` map at its centre cell; meant for eval mode (dropout is skipped)."""
         k = int(cells or self.pool_cells or 9)
         h, w = feat.shape[-2:]
         x = F.avg_pool2d(feat, k, stride=1, padding=k // 2, count_include_pad=False)[..., :h, :w]
+        if inside is not None:
+            inside = inside[..., :h, :w].to(feat.dtype)
+            num = F.avg_pool2d(feat * inside, k, stride=1, padding=k // 2, count_include_pad=False)[..., :h, :w]
+            den = F.avg_pool2d(inside, k, stride=1, padding=k // 2, count_include_pad=False)[..., :h, :w]
+            x = torch.where(den > 0, num / den.clamp_min(1e-6), x)  # cells with no image around keep the plain mean
         for name, layer in self.named_children():
             if name != "dropout":
                 x = layer(x)

@@ -79,9 +79,9 @@ class Cerberus(nn.Module):
         return x
 
     def forward(self, images: torch.Tensor, heads: Iterable[str] | None = None,
-                dense: bool = False) -> dict[str, torch.Tensor]:
-        """Logits by head name; ``heads`` limits the computation to some heads (default: all). ``dense``: see
-        :meth:`forward_dense`."""
+                dense: bool = False, inside: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Logits by head name; ``heads`` limits the computation to some heads (default: all). ``dense`` and
+        ``inside``: see :meth:`forward_dense`."""
         names = self.head_names if heads is None else tuple(heads)
         unknown = [h for h in names if h not in self.heads]
         if unknown:
@@ -95,7 +95,7 @@ class Cerberus(nn.Module):
             if isinstance(head, ClassHead):
                 if dense:  # the neighbourhood the head was trained on: a class patch, at most class_pool_cells
                     cells = -(-self.config.class_patch_shape // self.encoder.strides[4])
-                    out[name] = head.dense(feats[4], min(cells, self.config.class_pool_cells or cells))
+                    out[name] = head.dense(feats[4], min(cells, self.config.class_pool_cells or cells), inside)
                 else:
                     out[name] = head(feats[4])
             else:
@@ -104,12 +104,34 @@ class Cerberus(nn.Module):
                 out[name] = head(feats[:4], bottom, x.shape[-2:])
         return out
 
-    def forward_dense(self, images: torch.Tensor, heads: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    def forward_dense(self, images: torch.Tensor, heads: Iterable[str] | None = None,
+                      inside: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Like :meth:`forward`, but ``class`` heads give dense logits ``N x C x h x w`` at the deepest feature's
         resolution (one cell per ``encoder.strides[-1]`` pixels): each cell is classified as the patch centred on it
         of the size the head was trained on, ``class_patch_shape`` in cells and at most ``class_pool_cells`` (9 =
-        144 px at stride 16, 5 at stride 32; :meth:`ClassHead.dense`). This is what inference uses."""
-        return self.forward(images, heads, dense=True)
+        144 px at stride 16, 5 at stride 32; :meth:`ClassHead.dense`). ``inside`` (``N x 1 x h x w``: the share of
+        each cell inside the image) keeps cells outside the image out of the neighbourhood's average. This is what
+        inference uses."""
+        return self.forward(images, heads, dense=True, inside=inside)
+
+    @torch.no_grad()
+    def classify_patches(self, patches, head: str = "tissue-class", batch_size: int = 64):
+        """Softmax probabilities (``N x C`` float32 NumPy array) of a ``class`` head for RGB patches (an ``N x H x W x
+        3`` uint8 array, or a list of equal-sized ``H x W x 3`` arrays) at the model's mpp, ideally of
+        ``config.class_patch_shape`` pixels: the patch head as trained (:meth:`forward`), one class per patch. Runs
+        on the model's device, in eval mode."""
+        import numpy as np
+
+        if head not in self.heads or not isinstance(self.heads[head], ClassHead):
+            raise ConfigError(f"no patch-class head {head!r} in this model; heads: {', '.join(self.head_names)}")
+        self.eval()
+        device = next(self.parameters()).device
+        patches = np.asarray(patches)
+        if patches.ndim != 4 or patches.shape[-1] != 3:
+            raise ValueError(f"expected N x H x W x 3 RGB patches, got shape {patches.shape}")
+        out = [self(torch.from_numpy(np.ascontiguousarray(patches[i:i + batch_size])).permute(0, 3, 1, 2).to(device),
+                    heads=[head])[head].float().softmax(1).cpu().numpy() for i in range(0, len(patches), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.config.head(head)[0].class_names)), np.float32)
 
     def predict_tile(self, image, mpp: float | None = None, **options):
         """Instances, type maps and the tissue map of one RGB image (``H x W x 3`` array; RGBA, grey and 16-bit
