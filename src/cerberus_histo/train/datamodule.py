@@ -168,6 +168,15 @@ class CerberusData(L.LightningDataModule):
             loaders.append(DataLoader(vs, batch_size=bs, collate_fn=collate, num_workers=0))
         return loaders
 
+    def calibration_batches(self, n: int):
+        """``n`` batches for measuring batch-norm statistics: segmentation batches, or tissue-patch batches when
+        there are no segmentation data; the same on every rank and at every call (seeded by the run's seed)."""
+        cfg, seg = self.train_config, self.train_set.seg_sizes
+        sampler = TaskBatchSampler(seg, 0 if seg else self.train_set.class_size, cfg.batch_size, cfg.class_batch,
+                                   1.0, self.mix, cfg.seed + 1, 0, n, with_seeds=True)
+        for keys in sampler:
+            yield collate([self.train_set[k] for k in keys])
+
     def sampler_state(self, step: int) -> dict:
         """The sampler's state after ``step`` batches of this rank (replayed: loaders draw ahead)."""
         sampler = self.sampler or self._make_sampler(self.trainer.global_rank if self.trainer else 0)

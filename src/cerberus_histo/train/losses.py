@@ -12,7 +12,7 @@ Per head (the original Cerberus's losses, spec §3, with its broadcasting accide
   weight 0, so only object pixels count), mean over pixels, masked mean over samples; plus soft Dice
   inside objects, summed over the non-background classes: ``sum_c 1 - (2 I_c + s) / (P_c + T_c + s)``,
   ``s = 1e-3``, over the labelled samples;
-- ``class``: cross-entropy, masked mean over samples.
+- ``class``: cross-entropy, masked mean over samples (of the mean over cells, for mosaics trained densely).
 
 The total is ``sum_head loss_weight * (ce_weight * CE + dice_weight * Dice)``.
 """
@@ -59,7 +59,9 @@ def type_dice(logits: torch.Tensor, target: torch.Tensor, has: torch.Tensor) -> 
 
 
 def class_ce(logits: torch.Tensor, target: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
-    return masked_mean(F.cross_entropy(logits.float(), target.long(), reduction="none"), has)
+    """Per patch (``N x C`` logits, ``N`` targets) or per cell (``N x C x h x w``, ``N x h x w``: mosaics)."""
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    return masked_mean(ce.flatten(1).mean(1) if ce.ndim > 1 else ce, has)
 
 
 def multitask_loss(config: ModelConfig, logits: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict]:
