@@ -76,17 +76,17 @@ def test_gland_rim_restored_and_holes_filled():
     assert iou > 0.97  # eroded by 5 px, dilated back by 5 px
 
 
-def test_lumina_clipped_and_linked():
+def test_lumina_linked_and_clipped_to_their_gland():
     gland = np.zeros((50, 80), np.int32)
     gland[5:45, 5:38], gland[5:45, 42:75] = 1, 2
     lumen = np.zeros_like(gland)
     lumen[15:30, 15:30] = 1
     lumen[20:35, 50:60] = 2
     lumen[10:20, 36:44] = 3  # straddles the gap between glands: clipped, linked to the larger part
-    lumen[46:49, 10:20] = 4  # outside every gland: dropped
+    lumen[46:49, 10:20] = 7  # outside every gland (its gland missed): kept whole, without a gland
     out, parents = link_lumina(lumen, gland)
-    assert out.max() == 3 and not out[46:49].any() and not out[:, 38:42].any()
-    assert parents == {1: 1, 2: 2, 3: 1} and not out[:, 42:].astype(bool)[10:20, :2].any()
+    assert out.max() == 4 and (out[46:49, 10:20] == 4).all() and not out[:, 38:42].any()
+    assert parents == {1: 1, 2: 2, 3: 1, 4: 0} and not out[:, 42:].astype(bool)[10:20, :2].any()
     assert all(np.all(gland[out == lid] == gid) for lid, gid in parents.items())
 
 

@@ -224,7 +224,9 @@ def test_oracle_run_recovers_the_synthetic_truth(synth, oracle_run):
         assert np.mean(same) > 0.95  # and classified as the truth
     glands = {p["id"] for p, _, _ in rows if p["task"] == "gland"}
     lumina = [p for p, _, _ in rows if p["task"] == "lumen"]
-    assert lumina and all(int(p["parent_gland"]) in glands for p in lumina)  # slide-wide ids link across chunks
+    linked = [p for p in lumina if int(p["parent_gland"])]  # 0: the lumen's gland was not found
+    assert lumina and len(linked) >= 0.9 * len(lumina)
+    assert all(int(p["parent_gland"]) in glands for p in linked)  # slide-wide ids link across chunks
 
 
 def test_only_tissue_windows_are_inferred_and_outputs_are_complete(synth, oracle_run):
@@ -314,7 +316,9 @@ def test_network_chunks_equal_one_pass(model_dir, tmp_path):
     from cerberus_histo.infer.wsi import make_predictor
 
     ref, ref_cmap = one_pass(make_predictor(model, input_shape=192, output_shape=128, batch_size=1), slide)
-    assert len(got) > 20 and got == ref
+    # a random network may make an object larger than the margin: cut at chunk borders, dropped and reported
+    dropped = json.loads(res.paths["metadata"].read_text())["dropped_large_objects"]
+    assert len(got) > 20 and set(got) <= set(ref) and len(ref) - len(got) == dropped <= 1
     assert cv2.imread(str(res.paths["tissue"]), cv2.IMREAD_UNCHANGED).tolist() == ref_cmap.tolist()
     assert res.objects == len(got) and json.loads(res.paths["metadata"].read_text())["chunks"]["with_tissue"] > 1
 

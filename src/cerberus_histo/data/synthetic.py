@@ -187,7 +187,7 @@ class _Canvas:
             self._surface_epithelium(region)
             region = region & ~self.blocked & (self.gland == 0)
             free = region
-        for _ in range(120):
+        for _ in range(max(1, round(120 * (s / 448) ** 2))):  # the same density of attempts at any size
             cy, cx = rng.uniform(-0.1 * s, 1.1 * s, 2)
             iy, ix = int(np.clip(cy, 0, s - 1)), int(np.clip(cx, 0, s - 1))
             if not free[iy, ix]:
@@ -416,10 +416,13 @@ def synth_tile(size: int = 448, seed=0, classes: list[int] | None = None) -> Syn
 
 
 def synth_patch(tissue_class: int, size: int = 144, seed=0) -> np.ndarray:
-    """An RGB patch of one tissue class (``TISSUE.class_names[tissue_class]``) for patch classification."""
+    """An RGB patch of one tissue class (``TISSUE.class_names[tissue_class]``) for patch classification: the centre
+    of a tile of that class twice as wide, as real patch sets are cut from larger regions (a tile only as large as
+    the patch would hold fragments of glands wider than it, packed tighter than in any tile)."""
     if not 0 <= tissue_class < len(TISSUE.class_names):
         raise ValueError(f"tissue class must be in 0..{len(TISSUE.class_names) - 1}")
-    return synth_tile(size, seed, classes=[tissue_class]).image
+    q = size // 2
+    return np.ascontiguousarray(synth_tile(2 * size, seed, classes=[tissue_class]).image[q:q + size, q:q + size])
 
 
 def _sample_rng(seed: int, index: int) -> np.random.Generator:
