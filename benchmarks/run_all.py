@@ -5,7 +5,7 @@ Each benchmark runs in its own process (with a timeout); its output (progress ba
 generated section of the page, delimited by HTML comments, so the hand-written part of docs/benchmarks.md is never
 touched and ``--only`` rewrites just the blocks of the benchmarks it ran. Profiles:
 
-* ``cpu`` (default): the scripts' own defaults (about 45 minutes on 2 cores, 20 of them training);
+* ``cpu`` (default): the scripts' own defaults (about 55 minutes on 2 cores, 30 of them training);
   ``--quick`` passes smaller settings (about 6 minutes).
 * ``gpu``: what ``benchmarks/gpu.sh`` runs on a CUDA machine (at most ~8 minutes): model throughput in bf16 and the
   other precisions, tile and whole-slide throughput, with the GPU's utilisation sampled by ``nvidia-smi``.
@@ -80,6 +80,14 @@ BENCHES = (
           "with the cerberus commands, scored on 3 held-out images (PQ, AJI, Dice, F1)",
           (), ("--minutes", "1", "--steps", "40"), timeout=3600,
           data=ROOT.parent / "shared" / "data" / "real" / "monuseg"),
+    Bench("tissue_map", "one trained model's dense tissue map against its patch head: padding, pooling, BatchNorm, "
+          "per-patch and the original's per-block maps, accuracy by distance to tile edges and region boundaries",
+          ("--model", str(ROOT / "demo-output" / "train" / "model")),
+          ("--model", str(ROOT / "demo-output" / "train" / "model"), "--tiles", "4"), timeout=1800,
+          data=ROOT / "demo-output" / "train" / "model"),
+    Bench("tissue_real", "the tissue head on real H&E: Kather 2016 tiles classified by a model trained on them, the "
+          "CMU slide's tissue map against the automatic tissue mask",
+          (), ("--steps", "40"), timeout=3600, data=ROOT.parent / "shared" / "data" / "real" / "kather2016"),
     Bench("torchvision_parity", "torchvision's ResNet weights load into our encoders and give identical features",
           (), (), gpu=((),), needs="torchvision", timeout=600),
 )

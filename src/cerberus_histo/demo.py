@@ -56,14 +56,15 @@ class DemoSettings:
     train_minutes: float = 7.0
     max_steps: int = 1_000_000     # the minutes stop training first, unless this is small
     batch_size: int = 6
-    class_batch_size: int = 48     # 144-px tissue patches are cheap: more of them per classification batch
+    class_batch_size: int = 45     # 144-px tissue patches are cheap: more of them per batch (five 3 x 3 mosaics)
     p_seg: float = 0.6             # share of segmentation batches
     lr: float = 2e-3
     encoder: str = "small"
     stem_stride: int = 2
     head_channels: int = 32
     patch: int = 256
-    test_tiles: int = 8
+    test_tiles: int = 16
+    test_patches: int = 20         # held-out tissue patches per class
     slide_width: int = 4096
     slide_height: int = 3072
     slide_field: int = 512
@@ -72,7 +73,7 @@ class DemoSettings:
     workers: int = 1               # data-loading and post-processing processes
 
     def __post_init__(self):
-        for name in ("tiles", "per_class", "max_steps", "batch_size", "test_tiles", "slide_fields"):
+        for name in ("tiles", "per_class", "max_steps", "batch_size", "test_tiles", "test_patches", "slide_fields"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CerberusError(f"demo setting {name} must be a whole number >= 1, got {getattr(self, name)!r}")
         if not 0 < self.p_seg <= 1:
@@ -84,8 +85,8 @@ class DemoSettings:
     def preset(cls, quick: bool) -> DemoSettings:
         if not quick:
             return cls()
-        return cls(tiles=6, per_class=10, train_minutes=1.0, test_tiles=3, slide_width=2560, slide_height=2048,
-                   slide_fields=3)
+        return cls(tiles=6, per_class=10, train_minutes=1.0, test_tiles=3, test_patches=5, slide_width=2560,
+                   slide_height=2048, slide_fields=3)
 
 
 @dataclass
@@ -294,12 +295,16 @@ def _train_clock(seconds: float, stop: threading.Event, progress: bool) -> None:
 
 
 def _test_tiles(ctx: _Context) -> dict:
-    from .data.synthetic import write_tiles
+    from .data.synthetic import write_patches, write_tiles
 
     s = ctx.settings
     spec = write_tiles(ctx.out / "data" / "test", s.test_tiles, s.tile_size, seed=ctx.seed + 200, num_splits=1,
                        name="synthetic-test", progress=ctx.progress)
-    return {"dataset": "data/test", "tiles": s.test_tiles, "images": sorted(spec.names())}
+    # held-out tissue patches: the patch head's accuracy, to set the dense map's beside
+    write_patches(ctx.out / "data" / "test-patches", s.test_patches, CLASS_PATCH, seed=ctx.seed + 201, num_splits=1,
+                  progress=ctx.progress)
+    return {"dataset": "data/test", "tiles": s.test_tiles, "images": sorted(spec.names()),
+            "patches": "data/test-patches", "patches_per_class": s.test_patches}
 
 
 def _infer_tiles(ctx: _Context) -> dict:
@@ -321,9 +326,29 @@ def _infer_tiles(ctx: _Context) -> dict:
 
 
 def _evaluate(ctx: _Context) -> dict:
-    from .demo_report import evaluate_tiles
+    import numpy as np
 
-    return evaluate_tiles(ctx.out)
+    from .data.dataset import load_dataset
+    from .demo_report import evaluate_tiles
+    from .models.net import Cerberus
+
+    result = evaluate_tiles(ctx.out)
+    # the patch head on held-out 144-px patches, as trained: the dense map's pixel accuracy should come close; and
+    # the same weighted by the tiles' class mix (each class's patch recall x its share of the tiles' pixels)
+    spec = load_dataset(ctx.out / "data" / "test-patches")
+    names = sorted(spec.names())
+    classes = spec.image_classes("tissue")
+    probs = Cerberus.load(ctx.model_dir).classify_patches(np.stack([spec.read_image(n) for n in names]))
+    truth = np.array([classes[n] for n in names])
+    right = probs.argmax(1) == truth
+    test = load_dataset(ctx.out / "data" / "test")
+    pixels = sum(np.bincount(test.read_annotation(n, "tissue").class_map.ravel(), minlength=probs.shape[1])
+                 for n in test.names())
+    recall = np.array([right[truth == c].mean() if (truth == c).any() else 0.0 for c in range(probs.shape[1])])
+    result["metrics"]["tissue"]["patch_accuracy"] = float(right.mean())
+    result["metrics"]["tissue"]["patch_accuracy_tile_mix"] = float(recall @ (pixels / pixels.sum()))
+    result["patch_images"] = len(names)
+    return result
 
 
 def _slide(ctx: _Context) -> dict:
@@ -355,7 +380,8 @@ def _wsi(ctx: _Context) -> dict:
            "timings_s": {k: round(float(v), 2) for k, v in res.timings.items()},
            "files": {k: str(Path(p).relative_to(ctx.out)) for k, p in res.paths.items()},
            "window": f"1024/{output_shape}"}
-    out["evaluation"] = evaluate_slide(ctx.slide_path, ctx.out / out["files"]["store"], model.config)
+    out["evaluation"] = evaluate_slide(ctx.slide_path, ctx.out / out["files"]["store"], model.config,
+                                       ctx.out / out["files"]["tissue"], cell)
     return out
 
 
@@ -363,7 +389,7 @@ STAGES = (
     _Stage("data", "synthesise data", _data, ("data/gland", "data/lumen", "data/nuclei", "data/tissue")),
     _Stage("patches", "extract patches", _patches, ("data/patches",), ("data",)),
     _Stage("train", "train", _train, ("train",), ("patches",)),
-    _Stage("test", "synthesise test tiles", _test_tiles, ("data/test",)),
+    _Stage("test", "synthesise test tiles", _test_tiles, ("data/test", "data/test-patches")),
     _Stage("tiles", "infer tiles", _infer_tiles, ("tiles",), ("train", "test")),
     _Stage("evaluate", "evaluate", _evaluate, ("evaluation",), ("tiles", "test", "train")),
     _Stage("slide", "synthesise slide", _slide, ("slide",)),

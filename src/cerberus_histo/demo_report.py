@@ -26,7 +26,8 @@ HEADLINE = {
               ("object Dice (GlaS)", "object_dice_pooled"), ("mPQ+ (gland, surface-epi)", "mpq_plus")),
     "lumen": (("PQ", "pq_mean"), ("Dice", "dice_mean"), ("object F1 (GlaS)", "object_f1_pooled")),
     "tissue": (("pixel accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"),
-               ("macro F1", "macro_f1")),
+               ("macro F1", "macro_f1"), ("patch accuracy (held-out patches)", "patch_accuracy"),
+               ("patch accuracy at the tiles' class mix", "patch_accuracy_tile_mix")),
 }
 
 
@@ -174,9 +175,11 @@ def _centroids(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, xy
 
 
-def evaluate_slide(slide: Path, store: Path, config) -> dict:
+def evaluate_slide(slide: Path, store: Path, config, tissue_map: Path | None = None, cell: int = 16) -> dict:
     """Nuclei detection F1 / type F1 of the slide's store against the synthetic slide's ground truth (centroids
-    paired within 3 µm), and object counts (truth vs prediction)."""
+    paired within 3 µm), object counts (truth vs prediction), and with ``tissue_map`` (the ``X_tissue.png`` class
+    map, one pixel per network cell of ``cell`` model pixels) the tissue map's pixel accuracy over the slide's tissue
+    fields."""
     from .data.slide import SlideTruth
     from .metrics import detection_f1
 
@@ -206,7 +209,14 @@ def evaluate_slide(slide: Path, store: Path, config) -> dict:
     for task in ("gland", "lumen"):
         g, _ = truth.read_region(task, 0, 0, lay.width, lay.height)
         counts[task] = [int(np.unique(g).size - (1 if (g == 0).any() else 0)), pred_counts.get(task, 0)]
-    return _clean({"nuclei_detection_f1": d.f1, "nuclei_precision": d.precision, "nuclei_recall": d.recall,
+    tissue = {}
+    if tissue_map is not None:
+        cells = cv2.imread(str(tissue_map), cv2.IMREAD_UNCHANGED)
+        px = round(cell * config.mpp / lay.mpp)  # level-0 pixels per map pixel
+        pred = np.repeat(np.repeat(cells, px, 0), px, 1)[:lay.height, :lay.width]
+        where = truth.fields(0, 0, lay.width, lay.height)
+        tissue = {"tissue_accuracy": float((pred == truth.tissue(0, 0, lay.width, lay.height))[where].mean())}
+    return _clean({**tissue, "nuclei_detection_f1": d.f1, "nuclei_precision": d.precision, "nuclei_recall": d.recall,
                    "nuclei_type_accuracy": d.type_accuracy,
                    "nuclei_type_f1": _nanmean(list(d.f1_per_class.values())),
                    "objects_true_pred": counts, "seconds": round(time.perf_counter() - t0, 1)})
@@ -247,7 +257,8 @@ def print_results(report: dict) -> None:
         ev = w.get("evaluation", {})
         counts = ", ".join(f"{k} {v}" for k, v in w["counts"].items())
         print(f"\nslide: {counts} in {w['seconds']:.0f} s; nuclei detection F1 {_num(ev.get('nuclei_detection_f1'))}, "
-              f"type F1 {_num(ev.get('nuclei_type_f1'))} against the slide's truth")
+              f"type F1 {_num(ev.get('nuclei_type_f1'))}, tissue map pixel accuracy {_num(ev.get('tissue_accuracy'))} "
+              "against the slide's truth")
 
 
 # ---- the index pages -------------------------------------------------------------------------------------
@@ -444,7 +455,8 @@ def write_index(out: Path, report: dict) -> None:
                f"(window {w['window']}): " + ", ".join(f"{k} {v}" for k, v in w["counts"].items()) + ". Against the "
                f"slide's ground truth: nuclei detection F1 {_num(ev.get('nuclei_detection_f1'))} (precision "
                f"{_num(ev.get('nuclei_precision'))}, recall {_num(ev.get('nuclei_recall'))}), type F1 "
-               f"{_num(ev.get('nuclei_type_f1'))}; objects (truth / predicted): "
+               f"{_num(ev.get('nuclei_type_f1'))}; tissue map pixel accuracy over the tissue fields "
+               f"{_num(ev.get('tissue_accuracy'))}; objects (truth / predicted): "
                + ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in ev.get("objects_true_pred", {}).items()) + ".")
         files = w["files"]
         if "thumbnail" in files:

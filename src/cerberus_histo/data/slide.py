@@ -197,7 +197,8 @@ class SlideTruth:
 
     ``read_region(task, x, y, w, h)`` gives ``(inst, classes)``: an int64 instance map with slide-wide ids and
     ``{id: class}`` (for ``lumen``, ``{lumen id: id of its gland}``). ``tissue(x, y, w, h)`` gives the
-    tissue-class map (0 = background also off the tissue islands).
+    tissue-class map (0 = background also off the tissue islands), ``fields(x, y, w, h)`` where the islands' fields
+    lie.
     """
 
     def __init__(self, slide: str | Path):
@@ -230,3 +231,8 @@ class SlideTruth:
 
     def tissue(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         return _compose(self.layout, self._tissue, x, y, w, h, 1, 0)
+
+    def fields(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Where a tissue field lies (bool): the area whose tissue classes are known, white gut lumen included."""
+        ones = [np.ones(t.shape, bool) for t in self._tissue]
+        return _compose(self.layout, ones, x, y, w, h, 1, False)
