@@ -60,8 +60,8 @@ class GlandParams:
     dilation_um: float = 5.0
 
 
-#: lumina: the original's 150 px and 2 px dilation at 0.5 µm/px; core threshold 0.35, not the original's 0.5 (+0.05 to
-#: +0.1 lumen PQ on held-out synthetic tiles after 500 training steps, docs/benchmarks.md)
+#: lumina: the original's 150 px and 2 px dilation at 0.5 µm/px; core threshold 0.35, not the original's 0.5 (+0.01 to
+#: +0.11 lumen PQ on held-out synthetic tiles after 500 training steps, docs/benchmarks.md)
 LUMEN_PARAMS = GlandParams(core_threshold=0.35, min_area_um2=37.5, dilation_um=1.0)
 
 
