@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from cerberus_histo.data.synthetic import synth_patch, synth_tile
@@ -72,14 +71,6 @@ def main() -> None:
         print(f"  {name:<58} {np.mean(acc):.3f}   {np.mean(interior):.3f}")
 
     @torch.no_grad()
-    def head_on(feat: torch.Tensor) -> np.ndarray:
-        x = feat
-        for name, layer in head.named_children():
-            if name != "dropout":
-                x = layer(x)
-        return x.argmax(1)[0].numpy()
-
-    @torch.no_grad()
     def dense(k: int, pad_mode: str = "white", leave_out: bool = False) -> list[np.ndarray]:
         out, pad = [], (k0 + 1) * cell
         for t in tiles:
@@ -88,14 +79,12 @@ def main() -> None:
             else:
                 x = np.pad(t.image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
             f = model.encoder(model.normalise(torch.from_numpy(x[None]).permute(0, 3, 1, 2)))[4]
-            p, (h, w) = pad // cell, f.shape[-2:]
-            inside = torch.zeros(1, 1, h, w)
-            inside[..., p:p + n, p:p + n] = 1
-            if not leave_out:
-                inside[:] = 1
-            num = F.avg_pool2d(f * inside, k, 1, k // 2, count_include_pad=False)[..., :h, :w]
-            den = F.avg_pool2d(inside, k, 1, k // 2, count_include_pad=False)[..., :h, :w]
-            out.append(head_on(num / den.clamp_min(1e-6))[p:p + n, p:p + n])
+            p = pad // cell
+            inside = None
+            if leave_out:  # the engine's rule: cells outside the image do not vote
+                inside = torch.zeros(1, 1, *f.shape[-2:])
+                inside[..., p:p + n, p:p + n] = 1
+            out.append(head.dense(f, k, inside).argmax(1)[0].numpy()[p:p + n, p:p + n])
         return out
 
     @torch.no_grad()

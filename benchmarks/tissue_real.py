@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,20 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from train_real import cerberus  # the same subprocess runner (benchmarks/ is on sys.path when run as a script)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 KATHER = SHARED / "real" / "kather2016" / "Kather_texture_2016_image_tiles_5000"
 CMU = SHARED / "CMU-1-Small-Region.svs"
 MODEL = {"encoder": "small", "stem_stride": 2, "head_channels": 32, "patch_shape": 256}
-
-
-def cerberus(*args, env=None) -> str:
-    """Run one ``cerberus`` command; its output, or exit with its error."""
-    cmd = [sys.executable, "-m", "cerberus_histo", *map(str, args)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-    if proc.returncode:
-        sys.exit(f"failed ({proc.returncode}): cerberus {' '.join(map(str, args))}")
-    return proc.stdout
 
 
 def train_tissue(data: Path, run: Path, steps: int, work: Path, env: dict) -> Path:
@@ -58,34 +49,29 @@ def train_tissue(data: Path, run: Path, steps: int, work: Path, env: dict) -> Pa
 
 def kather(work: Path, steps: int, env: dict) -> dict:
     from cerberus_histo.data.dataset import load_dataset
-    from cerberus_histo.data.resolution import scaled_shape
-    from cerberus_histo.io.readers import resize
+    from cerberus_histo.infer.tiles import classify_patch_set
     from cerberus_histo.models.net import Cerberus
 
-    data, pred = work / "kather", work / "kather-pred"
+    data, pred_dir = work / "kather", work / "kather-pred"
     print(cerberus("import-dataset", "kather", KATHER, data, env=env).strip())
     t0 = time.perf_counter()
     model_dir = train_tissue(data, work / "kather-run", steps, work, env)
     t_train = time.perf_counter() - t0
     spec = load_dataset(data)
     names = spec.names(split=1)
-    classes = spec.image_classes("tissue")
     model = Cerberus.load(model_dir)
-    images = [spec.read_image(n) for n in names]
-    shape = scaled_shape(images[0].shape[:2], spec.image_mpp(names[0]), model.config.mpp)
-    probs = model.classify_patches(np.stack([resize(im, shape[::-1]) for im in images]))
-    truth = np.array([classes[n] for n in names])
+    pred, truth = classify_patch_set(model, spec, names)
     for n in names:
-        cerberus("infer-tile", "--model", model_dir, "--input", spec.image_path(n), "--output", pred,
+        cerberus("infer-tile", "--model", model_dir, "--input", spec.image_path(n), "--output", pred_dir,
                  "--mpp", spec.image_mpp(n), "--formats", "npz", env=env)
-    cerberus("evaluate", "--task", "tissue", "--pred", pred, "--true", data, "--split", "1", env=env)
-    dense = json.loads((pred / "evaluation_tissue.json").read_text())["summary"]
+    cerberus("evaluate", "--task", "tissue", "--pred", pred_dir, "--true", data, "--split", "1", env=env)
+    dense = json.loads((pred_dir / "evaluation_tissue.json").read_text())["summary"]
     names_of = list(model.config.task("tissue").class_names)
     return {"train_tiles": len(spec.names()) - len(names), "held_out_tiles": len(names), "steps": steps,
-            "train_seconds": round(t_train, 1), "patch_head_accuracy": float((probs.argmax(1) == truth).mean()),
-            "dense_map_accuracy": dense["accuracy"], "chance": 1 / len(set(classes.values())),
+            "train_seconds": round(t_train, 1), "patch_head_accuracy": float((pred == truth).mean()),
+            "dense_map_accuracy": dense["accuracy"], "chance": 1 / len(set(spec.image_classes("tissue").values())),
             "held_out": {n: {"truth": names_of[t], "patch_head": names_of[p]}
-                         for n, t, p in zip(names, truth, probs.argmax(1), strict=True)}}
+                         for n, t, p in zip(names, truth, pred, strict=True)}}
 
 
 def cmu(work: Path, model_dir: Path | None, steps: int, env: dict) -> dict:

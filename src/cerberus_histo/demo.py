@@ -330,24 +330,23 @@ def _evaluate(ctx: _Context) -> dict:
 
     from .data.dataset import load_dataset
     from .demo_report import evaluate_tiles
+    from .infer.tiles import classify_patch_set
     from .models.net import Cerberus
 
     result = evaluate_tiles(ctx.out)
     # the patch head on held-out 144-px patches, as trained: the dense map's pixel accuracy should come close; and
     # the same weighted by the tiles' class mix (each class's patch recall x its share of the tiles' pixels)
-    spec = load_dataset(ctx.out / "data" / "test-patches")
-    names = sorted(spec.names())
-    classes = spec.image_classes("tissue")
-    probs = Cerberus.load(ctx.model_dir).classify_patches(np.stack([spec.read_image(n) for n in names]))
-    truth = np.array([classes[n] for n in names])
-    right = probs.argmax(1) == truth
+    model = Cerberus.load(ctx.model_dir)
+    pred, truth = classify_patch_set(model, load_dataset(ctx.out / "data" / "test-patches"))
+    right = pred == truth
     test = load_dataset(ctx.out / "data" / "test")
-    pixels = sum(np.bincount(test.read_annotation(n, "tissue").class_map.ravel(), minlength=probs.shape[1])
+    n_cls = len(model.config.task("tissue").class_names)
+    pixels = sum(np.bincount(test.read_annotation(n, "tissue").class_map.ravel(), minlength=n_cls)
                  for n in test.names())
-    recall = np.array([right[truth == c].mean() if (truth == c).any() else 0.0 for c in range(probs.shape[1])])
+    recall = np.array([right[truth == c].mean() if (truth == c).any() else 0.0 for c in range(n_cls)])
     result["metrics"]["tissue"]["patch_accuracy"] = float(right.mean())
     result["metrics"]["tissue"]["patch_accuracy_tile_mix"] = float(recall @ (pixels / pixels.sum()))
-    result["patch_images"] = len(names)
+    result["patch_images"] = len(truth)
     return result
 
 

@@ -103,6 +103,25 @@ class TileRunSummary:
             self.timings[k] = self.timings.get(k, 0.0) + float(v)
 
 
+def classify_patch_set(model, spec, names: Sequence[str] | None = None, task: str = "tissue"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The patch head (:meth:`~cerberus_histo.models.net.Cerberus.classify_patches`) on the images of a patch-class
+    dataset (a :class:`~cerberus_histo.data.dataset.DatasetSpec` with ``classes.csv``), each brought to the model's
+    mpp: ``(predicted, true)`` class indices in the order of ``names`` (default: every image, sorted)."""
+    from ..data.resolution import scaled_shape
+    from ..io.readers import resize
+
+    names = sorted(spec.names()) if names is None else list(names)
+    classes = spec.image_classes(task)
+    images = []
+    for n in names:
+        image = spec.read_image(n)
+        h, w = scaled_shape(image.shape[:2], spec.image_mpp(n), model.config.mpp)
+        images.append(resize(image, (w, h)))
+    probs = model.classify_patches(np.stack(images), head=f"{task}-class")
+    return probs.argmax(1), np.array([classes[n] for n in names])
+
+
 def list_images(path: Path) -> list[Path]:
     """An image file as ``[path]``, or the image files (by suffix) directly inside a folder, sorted."""
     path = Path(path)

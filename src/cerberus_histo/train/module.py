@@ -43,6 +43,12 @@ def class_mosaic(batch: dict, heads: list[str], n: int, cell: int) -> dict:
     return out
 
 
+def patch_heads(model: Cerberus, batch: dict) -> list[str]:
+    """The patch-class heads that every sample of ``batch`` labels: not empty for a batch of tissue patches."""
+    return [h for h in model.head_names
+            if model.config.head(h)[1].kind == "class" and f"has/{h}" in batch and bool(batch[f"has/{h}"].all())]
+
+
 def calibrate_batchnorm(model: Cerberus, batches, mosaic: int = 1, device="cpu") -> list[torch.nn.Module]:
     """Measure the batch-norm statistics of ``model`` afresh on ``batches`` (training batches: dicts with ``image``;
     tissue-patch batches are laid out as ``mosaic x mosaic`` mosaics first), every head run densely as inference
@@ -57,13 +63,11 @@ def calibrate_batchnorm(model: Cerberus, batches, mosaic: int = 1, device="cpu")
     training = model.training
     model.train()
     cell = int(model.encoder.strides[-1])
-    class_heads = [h for h in model.head_names if model.config.head(h)[1].kind == "class"]
     try:
         with torch.inference_mode(False), torch.no_grad():
             for batch in batches:
-                if mosaic > 1 and class_heads and batch[f"target/{class_heads[0]}"].ndim == 1 \
-                        and bool(batch[f"has/{class_heads[0]}"].all()):  # a tissue-patch batch
-                    batch = class_mosaic(batch, class_heads, mosaic, cell)
+                if mosaic > 1 and (heads := patch_heads(model, batch)):
+                    batch = class_mosaic(batch, heads, mosaic, cell)
                 model.forward_dense(batch["image"].to(device))
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
@@ -112,7 +116,7 @@ class CerberusModule(L.LightningModule):
             raise RuntimeError("a training batch carries no labels of the trained heads")
         n = len(batch["image"])  # samples (patches, not mosaics)
         dense = False
-        if self.train_config.class_mosaic > 1 and batch["target/" + heads[0]].ndim == 1:  # a tissue-patch batch
+        if self.train_config.class_mosaic > 1 and patch_heads(self.model, batch):
             batch = class_mosaic(batch, heads, self.train_config.class_mosaic, int(self.model.encoder.strides[-1]))
             dense = True
         logits = self.model(batch["image"], heads=heads, dense=dense)
