@@ -70,9 +70,7 @@ BENCHES = (
     Bench("wsi_scale", "whole-slide inference at growing slide sizes: wall time, s/mm² of tissue, peak memory, "
           "end-to-end over forward-only time, device utilisation",
           (), ("--sizes", "4000"),
-          gpu=(("--sizes", "16000,32000", "--device", "cuda", "--model-mpp", "0.5", "--encoder", "resnet34",
-                "--input-shape", "1024", "--output-shape", "720", "--chunk-size", "4096", "--batch-size", "16",
-                "--precision", "bf16", "--postproc-workers", "6"),), gpu_timeout=260),
+          gpu=(("--original", "--sizes", "20000", "--tissue-fraction", "1"),), gpu_timeout=330),
     Bench("train_synthetic", "the six-head model trained on synthetic data for a fixed budget, held-out PQ / F1 / "
           "accuracy and samples per second",
           (), ("--steps", "60", "--tiles", "6", "--per-class", "10"), timeout=3 * 3600),

@@ -12,13 +12,17 @@ the moment; ``forward`` (the network's time inside the run) is printed too.
 
 Defaults fit a 2-core CPU in minutes: the tiny encoder (``head_channels`` 8, random weights with calibrated
 BatchNorm) at **4 um/px** (``--model-mpp``; the slides stay at 0.5 um/px, so every read is resampled), windows of
-256 px keeping 128, chunks of 1024 model px. This measures the pipeline (reading, chunking, post-processing,
-writing, memory) rather than a real network; on a GPU use ``--model-mpp 0.5 --encoder resnet34 --input-shape
-1024 --output-shape 720 --chunk-size 4096 --device cuda``.
+256 px keeping 128, chunks of 1024 model px, fp32, one post-processing worker. This measures the pipeline (reading,
+chunking, post-processing, writing, memory) rather than a real network.
+
+``--original`` runs the original model instead (ResNet-34, six heads, random weights with calibrated BatchNorm,
+0.5 um/px) with **every inference setting left to the defaults chosen for the machine** (device, precision,
+layout, batch, chunk, workers; options given beside it still apply). With a GPU, the child's peak GPU memory and
+the GPU's utilisation (``nvidia-smi`` every 0.25 s while the slide runs) are printed too; ``benchmarks/gpu.sh``
+runs the 1 cm² slide this way:
 
     python benchmarks/wsi_scale.py --sizes 10000,30000 --json wsi.json
-    python benchmarks/wsi_scale.py --sizes 10000,30000,60000 --device cuda --model-mpp 0.5 --encoder resnet34 \\
-        --input-shape 1024 --output-shape 720 --chunk-size 4096 --batch-size 16 --precision fp16
+    python benchmarks/wsi_scale.py --original --sizes 20000 --tissue-fraction 1      # 1 cm² of tissue, GPU
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def build_model(args, folder: Path) -> Path:
     from cerberus_histo import Cerberus, ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("original", encoder=args.encoder, head_channels=args.head_channels, mpp=args.model_mpp)
+    extra = {} if args.head_channels is None else {"head_channels": args.head_channels}
+    cfg = ModelConfig.preset("original", encoder=args.encoder, mpp=args.model_mpp, **extra)
     return calibrated(Cerberus(cfg), "cpu").save(folder / "model")
 
 
@@ -60,29 +65,32 @@ def run_one(args) -> dict:
 
     model = Cerberus.load(args.model)
     predictor = make_predictor(model, input_shape=args.input_shape, output_shape=args.output_shape,
-                               batch_size=args.batch_size, device=args.device, precision=args.precision)
-    g = predictor.geometry
-    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (args.batch_size, 3, g.input_shape, g.input_shape),
+                               batch_size=args.batch_size, device=args.device, precision=args.precision,
+                               postproc_workers=args.postproc_workers)
+    print(predictor.runtime.line(), file=sys.stderr, flush=True)
+    g, batch = predictor.geometry, predictor.batch_size
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 3, g.input_shape, g.input_shape),
                                                            dtype=np.uint8)).to(predictor.device)
     crop = (g.margin, g.margin, g.margin + g.output_shape, g.margin + g.output_shape)
 
     def seconds_per_window() -> float:
         """The network alone (softmax and crops included, as in the pipeline) on batches of random windows."""
-        predictor._probs(x, [crop] * args.batch_size)  # warm-up
+        predictor._probs(x, [crop] * batch)  # warm-up
         if predictor.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(args.forward_batches):
-            predictor._probs(x, [crop] * args.batch_size)
+            predictor._probs(x, [crop] * batch)
         if predictor.device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t) / (args.forward_batches * args.batch_size)
+        return (time.perf_counter() - t) / (args.forward_batches * batch)
 
     before = seconds_per_window()
+    if predictor.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(predictor.device)
     t0 = time.perf_counter()
     res = predict_slide(predictor, model.config, args.one, args.out, chunk_size=args.chunk_size,
-                        margin_um=args.margin_um, postproc_workers=args.postproc_workers, progress=False,
-                        echo=lambda m: print(m, file=sys.stderr))
+                        margin_um=args.margin_um, progress=False, echo=lambda m: print(m, file=sys.stderr))
     wall = time.perf_counter() - t0
     meta = json.loads(res.paths["metadata"].read_text())
     windows = int(meta["windows"]["run"])
@@ -91,35 +99,43 @@ def run_one(args) -> dict:
     forward_only = per_window * windows
     return {"wall_s": wall, "objects": res.objects, "windows": windows, "forward_only_s": forward_only,
             "timings_s": meta["timings_s"], "tissue_mm2": res.summary["tissue_area_um2"] / 1e6,
-            "chunks": meta["chunks"], "dropped": meta["dropped_large_objects"],
+            "chunks": meta["chunks"], "chunk_px": meta["chunk_size"], "dropped": meta["dropped_large_objects"],
+            "runtime": predictor.runtime.line(),
+            "gpu_peak_gb": (torch.cuda.max_memory_allocated(predictor.device) / 2**30
+                            if predictor.device.type == "cuda" else None),
             "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def measure(args, slide: Path, out: Path) -> dict:
     """Run one slide in a subprocess; sample the RSS of its process tree."""
     import psutil
+    from run_all import GPUSampler
 
     cmd = [sys.executable, __file__, "--one", str(slide), "--out", str(out), "--model", str(args.model)]
+    if args.original:
+        cmd.append("--original")
     for key in ("device", "precision", "batch_size", "input_shape", "output_shape", "chunk_size", "margin_um",
                 "postproc_workers", "threads"):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    root = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
+    with GPUSampler() as gpu:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        root = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
     stdout = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"slide {slide} failed (exit {proc.returncode})")
     res = json.loads(stdout.strip().splitlines()[-1])
     res["peak_rss_tree_mb"] = peak / 2**20
+    res["gpu_sampled"] = gpu.summary()
     return res
 
 
@@ -128,29 +144,41 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--sizes", default="10000,30000,60000", help="Slide sides in level-0 px (comma-separated).")
     ap.add_argument("--work", type=Path, default=None, help="Folder for slides and outputs (default: a temp dir).")
     ap.add_argument("--model", type=Path, default=None, help="A model folder (default: the tiny random model).")
-    ap.add_argument("--encoder", default="tiny")
-    ap.add_argument("--head-channels", type=int, default=8)
-    ap.add_argument("--model-mpp", type=float, default=4.0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--input-shape", type=int, default=256)
-    ap.add_argument("--output-shape", type=int, default=128)
-    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--original", action="store_true",
+                    help="The original model (ResNet-34, six heads, 0.5 um/px) with every inference setting left to "
+                         "the defaults chosen for the machine.")
+    ap.add_argument("--tissue-fraction", type=float, default=0.45, help="Of the synthetic slides' field grid.")
+    ap.add_argument("--encoder", default=None, help="Default: tiny (resnet34 with --original).")
+    ap.add_argument("--head-channels", type=int, default=None, help="Default: 8 (the preset's with --original).")
+    ap.add_argument("--model-mpp", type=float, default=None, help="Default: 4 (0.5 with --original).")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default=None, help="Default: fp32 (auto with --original).")
+    ap.add_argument("--batch-size", type=int, default=None, help="Default: 8 (auto with --original).")
+    ap.add_argument("--input-shape", type=int, default=None, help="Default: 256 (1024 with --original).")
+    ap.add_argument("--output-shape", type=int, default=None, help="Default: 128 (720 with --original).")
+    ap.add_argument("--chunk-size", type=int, default=None, help="Default: 1024 (auto with --original).")
     ap.add_argument("--margin-um", type=float, default=256.0)
-    ap.add_argument("--postproc-workers", type=int, default=1)
+    ap.add_argument("--postproc-workers", type=int, default=None, help="Default: 1 (auto with --original).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the slide process.")
     ap.add_argument("--forward-batches", type=int, default=8, help="Batches timed for the forward-only figure.")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--one", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    pipeline = {"encoder": "tiny", "head_channels": 8, "model_mpp": 4.0, "precision": "fp32", "batch_size": 8,
+                "input_shape": 256, "output_shape": 128, "chunk_size": 1024, "postproc_workers": 1}
+    original = {"encoder": "resnet34", "model_mpp": 0.5, "precision": "auto"}
+    for key, value in (original if args.original else pipeline).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.one is not None:
         print(json.dumps(run_one(args)))
         return []
 
+    import torch
     from model_speed import machine
 
+    where = machine("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
     from cerberus_histo.data.slide import write_synthetic_slide
 
     work = args.work or Path(tempfile.mkdtemp(prefix="wsi_scale_"))
@@ -158,15 +186,16 @@ def main(argv=None) -> list[dict]:
     if args.model is None:
         args.model = build_model(args, work)
     rows = []
-    print(f"machine: {machine(args.device)}; model {args.model} at {args.model_mpp} um/px, window "
-          f"{args.input_shape}/{args.output_shape}, chunk {args.chunk_size} px, margin {args.margin_um} um, "
-          f"{args.postproc_workers} post-processing worker(s)", flush=True)
+    print(f"machine: {where}; model {args.model} ({args.encoder}) at {args.model_mpp} um/px, window "
+          f"{args.input_shape or 1024}/{args.output_shape or 'input - 304'}, chunk {args.chunk_size or 'auto'} px, "
+          f"margin {args.margin_um} um, {args.postproc_workers if args.postproc_workers is not None else 'auto'} "
+          "post-processing worker(s)", flush=True)
     for side in (int(s) for s in args.sizes.split(",")):
         slide = work / f"slide_{side}.tif"
         if not slide.exists():
             t0 = time.perf_counter()
             write_synthetic_slide(slide, side, side, mpp=0.5, seed=side, field=512, offset=128, n_fields=3,
-                                  progress=False)
+                                  tissue_fraction=args.tissue_fraction, progress=False)
             print(f"wrote {slide.name} in {time.perf_counter() - t0:.1f} s", flush=True)
         out = work / f"out_{side}"
         if out.exists():
@@ -182,10 +211,15 @@ def main(argv=None) -> list[dict]:
               f"(tree {r['peak_rss_tree_mb']:6.0f} MB)  e2e/forward-only {r['e2e_over_forward']:5.2f}  "
               f"device busy {t['device_utilisation']:.0%}  [read {t['read']:.1f}, forward {t['forward']:.1f}, "
               f"post-process {t['postprocess']:.1f}, write {t['write']:.1f}, outputs {t['outputs']:.1f} s; "
-              f"chunks {r['chunks']['with_tissue']}/{r['chunks']['total']}, windows {r['windows']}]", flush=True)
+              f"chunks {r['chunks']['with_tissue']}/{r['chunks']['total']} of {r['chunk_px']} px, windows "
+              f"{r['windows']}]", flush=True)
+        print(f"  settings: {r['runtime']}", flush=True)
+        if r["gpu_peak_gb"] is not None:
+            print(f"  GPU: peak memory allocated {r['gpu_peak_gb']:.1f} GiB; {r['gpu_sampled']}; "
+                  f"{r['wall_s'] / max(r['tissue_mm2'] / 100, 1e-9):.1f} s per cm2 of tissue", flush=True)
         rows.append(r)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(args.device), "args": {k: str(v) for k, v in
+        args.json.write_text(json.dumps({"machine": where, "args": {k: str(v) for k, v in
                                                                                vars(args).items()}, "rows": rows},
                                         indent=2))
     return rows

@@ -118,7 +118,7 @@ def test_the_dense_tissue_map_is_the_patch_rule_on_the_cell_grid(cell, k_px):
     k = min(math.ceil(k_px / cell), 9)
     many = Geometry(2 * cell + 2 * 160, 2 * cell, fit=False, align=cell)  # 4 x 5 windows, margin 160
     for geometry in (None, many):  # the default (one window, margin 152: network cells off the image's grid)
-        p = Predictor(model, geometry, heads=["tissue-class"])
+        p = Predictor(model, geometry, heads=["tissue-class"], precision="fp32")
         pred = p.predict_region(ArrayReader(image, 0.5))
         assert pred.windows == (1 if geometry is None else math.ceil(203 / (2 * cell)) * math.ceil(270 / (2 * cell)))
         got = pred.probs["tissue-class"]
@@ -133,13 +133,15 @@ def test_the_map_is_aligned_with_the_image_and_white_outside_it():
     image = np.full((48, 76, 3), 255, np.uint8)
     image[:, 20:] = (255, 0, 0)   # red from x = 20: column 1 is 12/16 red (red wins), columns 2.. red
     image[16:, 64:] = (0, 255, 0)  # green in the last column (12 px of image, 4 of white) from row 1
-    pred = Predictor(model, Geometry(64, 32, fit=False, align=16), heads=["tissue-class"]).predict_region(
+    pred = Predictor(model, Geometry(64, 32, fit=False, align=16), heads=["tissue-class"],
+                     precision="fp32").predict_region(
         ArrayReader(image, 0.5))
     np.testing.assert_array_equal(pred.probs["tissue-class"].argmax(0), [[0, 1, 1, 1, 1], [0, 1, 1, 1, 2],
                                                                          [0, 1, 1, 1, 2]])
     np.testing.assert_allclose(pred.probs["tissue-class"], expected_map(image, 16, 1, 16), atol=1e-5)
     image[:, 72:] = (0, 255, 0)  # 8 px of green and 8 of white: background (white) wins the last column
-    pred = Predictor(model, Geometry(64, 32, fit=False, align=16), heads=["tissue-class"]).predict_region(
+    pred = Predictor(model, Geometry(64, 32, fit=False, align=16), heads=["tissue-class"],
+                     precision="fp32").predict_region(
         ArrayReader(image[:, :72], 0.5))
     assert (pred.probs["tissue-class"].argmax(0)[:, 4] == 0).all()
 
@@ -150,7 +152,8 @@ def test_what_lies_outside_the_image_does_not_vote():
     model = colour_model(16, 48)
     image = np.full((48, 64, 3), 255, np.uint8)
     image[:, :32] = (255, 0, 0)
-    pred = Predictor(model, Geometry(64, 32, fit=False, align=16), heads=["tissue-class"]).predict_region(
+    pred = Predictor(model, Geometry(64, 32, fit=False, align=16), heads=["tissue-class"],
+                     precision="fp32").predict_region(
         ArrayReader(image, 0.5))
     np.testing.assert_array_equal(pred.probs["tissue-class"].argmax(0), [[1, 1, 0, 0]] * 3)
     np.testing.assert_allclose(pred.probs["tissue-class"], expected_map(image, 16, 3, 16), atol=1e-5)

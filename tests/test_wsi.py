@@ -61,7 +61,7 @@ class Oracle:
         self.mpp = self.truth.mpp
         self.kept: list[tuple[int, int, int, int]] = []
 
-    def predict_region(self, reader, region, progress=None, keep=None) -> RegionPrediction:
+    def predict_region(self, reader, region, progress=None, keep=None, fit=None) -> RegionPrediction:
         x, y, w, h = region
         probs = {}
         for task, size, n_cls in (("nuclei", 3, 7), ("gland", 11, 3), ("lumen", 3, None)):
@@ -77,7 +77,7 @@ class Oracle:
         ch, cw = -(-h // 16), -(-w // 16)
         tissue = self.truth.tissue(x, y, cw * 16, ch * 16)[8::16, 8::16]
         probs["tissue-class"] = (np.arange(9)[:, None, None] == tissue[None]).astype(np.float16)
-        tiles = plan_tiles(w, h, self.geometry).tiles()
+        tiles = plan_tiles(w, h, self.geometry, fit).tiles()
         flags = np.ones(len(tiles), bool) if keep is None else np.asarray(keep(tiles))
         for t, k in zip(tiles, flags, strict=True):
             x0, y0, x1, y1 = t.crop
@@ -127,8 +127,8 @@ def one_pass(predictor, slide: Path):
     mask, mask_mpp = tissue_mask(reader)
     scale = predictor.mpp / reader.mpp
     w, h = (max(1, round(v / scale)) for v in reader.dimensions)
-    out = predictor.geometry.output_shape
-    keep = window_keeper(mask, mask_mpp, reader.mpp, scale, (0, 0), out, TISSUE_PAD_UM / reader.mpp)
+    keep = window_keeper(mask, mask_mpp, reader.mpp, scale, (0, 0), predictor.geometry.margin,
+                         TISSUE_PAD_UM / reader.mpp)
     pred = predictor.predict_region(GridReader(reader, predictor.mpp), (0, 0, w, h), keep=keep)
     res = postprocess({k: v for k, v in pred.probs.items() if k != "tissue-class"}, predictor.mpp)
     rec = annotation_records(res, CONFIG, reader.mpp, scale)
@@ -311,11 +311,12 @@ def test_network_chunks_equal_one_pass(model_dir, tmp_path):
     slide = write_synthetic_slide(tmp_path / "net.tif", 2300, 1700, seed=4, **SMALL)
     model = Cerberus.load(model_dir)
     res = model.predict_wsi(slide, tmp_path / "out", chunk_size=128, margin_um=256, input_shape=192,
-                            output_shape=128, batch_size=1, postproc_workers=1, progress=False)
+                            output_shape=128, batch_size=1, postproc_workers=1, precision="fp32", progress=False)
     got = instance_set(res.paths["store"])
     from cerberus_histo.infer.wsi import make_predictor
 
-    ref, ref_cmap = one_pass(make_predictor(model, input_shape=192, output_shape=128, batch_size=1), slide)
+    ref, ref_cmap = one_pass(make_predictor(model, input_shape=192, output_shape=128, batch_size=1,
+                                            precision="fp32"), slide)
     # a random network may make an object larger than the margin: cut at chunk borders, dropped and reported
     dropped = json.loads(res.paths["metadata"].read_text())["dropped_large_objects"]
     assert len(got) > 20 and set(got) <= set(ref) and len(ref) - len(got) == dropped <= 1

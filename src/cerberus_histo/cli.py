@@ -286,6 +286,20 @@ def demo_cmd(out_dir: Path, quick: bool, device: str, fresh: bool, seed: int):
     run_demo(out_dir, quick=quick, seed=seed, device=device, fresh=fresh)
 
 
+def _runtime_options(f):
+    """--device, --precision, --batch-size and --threads of the inference commands, defined once (see
+    docs/inference.md, "Defaults chosen for the machine")."""
+    f = click.option("--threads", type=int, default=None,
+                     help="torch threads (default: torch's own, one per core).")(f)
+    f = click.option("--batch-size", type=int, default=None,
+                     help="Network windows per forward pass (default: 1 on a CPU; on a GPU what fits its memory).")(f)
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="Autocast precision: auto = bf16 where the hardware has it natively "
+                     "(CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32.")(f)
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps.")(f)
+
+
 @main.command("infer-tile")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model folder.")
 @click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
@@ -293,12 +307,10 @@ def demo_cmd(out_dir: Path, quick: bool, device: str, fresh: bool, seed: int):
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
 @click.option("--mpp", type=float, default=None,
               help="Resolution of the images (um/px); they are resampled to the model's. Default: the model's.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Network windows per forward pass.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="Post-processing processes, overlapped with inference (0: in this process).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Autocast precision of the network.")
+@_runtime_options
+@click.option("--workers", type=int, default=None,
+              help="Post-processing processes, overlapped with inference (0: in this process; default: the cores "
+                   "the network leaves free).")
 @click.option("--tta", is_flag=True, help="Average the 4 flips of every window (4x the network time).")
 @click.option("--formats", default="geojson,sqlite,npz,hovernet,overlay,csv", show_default=True,
               help="Comma-separated output formats.")
@@ -307,15 +319,15 @@ def demo_cmd(out_dir: Path, quick: bool, device: str, fresh: bool, seed: int):
               help="Network window side, used as given (default: 1024, shrunk for small images; original: 448).")
 @click.option("--output-shape", type=int, default=None,
               help="Central part of each window kept (default: input shape - 304; original: 144).")
-def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, workers, precision, tta, formats,
-                   centroids_only, input_shape, output_shape):
+def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, workers, precision, threads, tta,
+                   formats, centroids_only, input_shape, output_shape):
     """Segment and classify glands, lumina, nuclei and tissue in image tiles; re-runs skip finished images."""
     from .infer.tiles import infer_tiles
 
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
     s = infer_tiles(model_dir, input_path, output, mpp=mpp, batch_size=batch_size, device=device, workers=workers,
-                    precision=precision, tta=tta, formats=fmts, input_shape=input_shape, output_shape=output_shape,
-                    centroids_only=centroids_only)
+                    precision=precision, threads=threads, tta=tta, formats=fmts, input_shape=input_shape,
+                    output_shape=output_shape, centroids_only=centroids_only)
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items())
     click.echo(f"{len(s.done)} images done, {len(s.skipped)} already done, {len(s.failed)} failed; results in "
                f"{s.output}" + (f"\ntime per stage: {stages}" if stages else ""))
@@ -333,26 +345,29 @@ def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, worke
 @click.option("--mpp", type=float, default=None, help="Level-0 resolution (um/px) when the slides' metadata lacks it.")
 @click.option("--mask", type=click.Path(path_type=Path), default=None,
               help="Tissue mask image (one slide) or folder of masks named {slide stem}.png; default: computed.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Network windows per forward pass.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Autocast precision of the network.")
+@_runtime_options
 @click.option("--tta", is_flag=True, help="Average the 4 flips of every window (4x the network time).")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Start a local Dask cluster of N worker processes, one slide each (0: slides run here).")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler (tcp://host:8786).")
 @click.option("--centroids-only", is_flag=True, help="GeoJSON nuclei as points (lighter in QuPath).")
-@click.option("--chunk-size", type=int, default=4096, show_default=True,
-              help="Chunk side in model pixels (rounded up to whole windows); memory grows with its square.")
+@click.option("--chunk-size", type=int, default=None,
+              help="Chunk side in model pixels (rounded up to whole windows; default: the largest that fits "
+                   "--memory-gb); memory grows with its square.")
+@click.option("--memory-gb", type=float, default=None,
+              help="Memory budget of a slide's process and its workers (default on a CPU: 3 GB or half the "
+                   "available memory; on a GPU machine half the available). More = larger chunks = faster.")
 @click.option("--margin-um", type=float, default=256.0, show_default=True,
               help="Context around each chunk (um); must exceed the largest gland's reach from its centre.")
-@click.option("--postproc-workers", type=int, default=1, show_default=True,
-              help="Post-processing processes per slide, overlapped with inference (0: in the same process).")
+@click.option("--postproc-workers", type=int, default=None,
+              help="Post-processing processes per slide, overlapped with inference (0: in the same process; "
+                   "default: the cores the network leaves free).")
 @click.option("--input-shape", type=int, default=None, help="Network window side (default 1024).")
 @click.option("--output-shape", type=int, default=None,
               help="Central part of each window kept (default: input shape - 304; a multiple of 16).")
-def infer_wsi_cmd(model_dir, inputs, output, mpp, mask, batch_size, device, precision, tta, workers, scheduler,
-                  centroids_only, chunk_size, margin_um, postproc_workers, input_shape, output_shape):
+def infer_wsi_cmd(model_dir, inputs, output, mpp, mask, batch_size, device, precision, threads, tta, workers,
+                  scheduler, centroids_only, chunk_size, memory_gb, margin_um, postproc_workers, input_shape,
+                  output_shape):
     """Segment and classify glands, lumina, nuclei and tissue in whole slides, chunk by chunk; re-runs resume
     unfinished slides and skip finished ones (see docs/wsi.md)."""
     from .infer.cohort import infer_wsi
@@ -360,7 +375,7 @@ def infer_wsi_cmd(model_dir, inputs, output, mpp, mask, batch_size, device, prec
     s = infer_wsi(model_dir, inputs, output, mpp=mpp, mask=mask, batch_size=batch_size, device=device,
                   precision=precision, tta=tta, workers=workers, scheduler=scheduler, centroids_only=centroids_only,
                   chunk_size=chunk_size, margin_um=margin_um, postproc_workers=postproc_workers,
-                  input_shape=input_shape, output_shape=output_shape)
+                  input_shape=input_shape, output_shape=output_shape, threads=threads, memory_gb=memory_gb)
     click.echo(s.table())
     done = sum(r.status == "done" for r in s.rows)
     skipped = sum(r.status == "skipped" for r in s.rows)

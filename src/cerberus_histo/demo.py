@@ -128,18 +128,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_has_bf16() -> bool:
-    """bf16 autocast pays off on CPUs with native bf16 (AVX512-BF16 or AMX); elsewhere it is emulated (slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def choose_device(device: str) -> tuple[str, str]:
     """``(device, inference precision)`` for ``device`` ``auto``/``cpu``/``cuda[:N]``/``mps``."""
     import torch
+
+    from .infer.runtime import cpu_has_native_bf16
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,7 +144,7 @@ def choose_device(device: str) -> tuple[str, str]:
         return device, "fp32"
     if device != "cpu":
         raise CerberusError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-    return device, "bf16" if _cpu_has_bf16() else "fp32"
+    return device, "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def _idle_cores(interval: float = 0.5) -> float | None:

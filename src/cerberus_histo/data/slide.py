@@ -120,8 +120,9 @@ def _level_sizes(width: int, height: int, tile: int) -> list[tuple[int, int, int
 
 def write_synthetic_slide(out: str | Path, width: int, height: int, mpp: float = 0.5, seed: int = 0,
                           field: int = 1024, offset: int = 384, n_fields: int = 8, tile: int = 512,
-                          compression: str = "jpeg", progress: bool = True) -> Path:
-    """Write ``out`` (a pyramidal BigTIFF) and its ground truth; see the module docstring."""
+                          compression: str = "jpeg", progress: bool = True, tissue_fraction: float = 0.45) -> Path:
+    """Write ``out`` (a pyramidal BigTIFF) and its ground truth; see the module docstring. ``tissue_fraction``:
+    the share of the field grid with tissue (1: all but a one-field white border on slides of 4+ fields a side)."""
     import tifffile
 
     out = Path(out)
@@ -129,7 +130,7 @@ def write_synthetic_slide(out: str | Path, width: int, height: int, mpp: float =
         raise CerberusError(f"{out}: the slide is a TIFF; name it .tif or .tiff")
     if compression not in ("jpeg", "deflate"):
         raise CerberusError(f"compression must be jpeg or deflate, got {compression!r}")
-    layout = make_layout(width, height, mpp, seed, field, offset, n_fields)
+    layout = make_layout(width, height, mpp, seed, field, offset, n_fields, tissue_fraction)
     fields = [synth_tile(field, np.random.default_rng(np.random.SeedSequence([seed, 1000 + i])))
               for i in tqdm(range(n_fields), desc="synth slide fields", unit="field",
                             disable=None if progress else True)]

@@ -25,7 +25,7 @@ from ..errors import CerberusError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".png",
                   ".jpg", ".jpeg", ".bmp")
-_PREDICTORS: dict = {}  # per process: (model_dir, device, window, batch, precision, tta) -> (predictor, config, id)
+_PREDICTORS: dict = {}  # per process: (model_dir, device, options) -> (predictor, config, id)
 
 
 @dataclass(frozen=True)
@@ -35,18 +35,19 @@ class WSIOptions:
     model_dir: str
     output: str
     mpp: float | None = None
-    batch_size: int = 4
-    device: str = "cpu"
-    precision: str = "fp32"
+    batch_size: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
     tta: bool = False
     centroids_only: bool = False
-    chunk_size: int = 4096
+    chunk_size: int | None = None
     margin_um: float = 256.0
-    postproc_workers: int = 1
+    postproc_workers: int | None = None
     input_shape: int | None = None
     output_shape: int | None = None
     threads: int | None = None
     progress: bool = True
+    memory_gb: float | None = None
 
 
 @dataclass
@@ -144,7 +145,8 @@ def _worker_device(device: str) -> str:
 
 
 def _predictor(opts: WSIOptions, device: str):
-    key = (opts.model_dir, device, opts.input_shape, opts.output_shape, opts.batch_size, opts.precision, opts.tta)
+    key = (opts.model_dir, device, opts.input_shape, opts.output_shape, opts.batch_size, opts.precision, opts.tta,
+           opts.threads, opts.postproc_workers, opts.memory_gb)
     if key not in _PREDICTORS:
         from ..models.net import Cerberus
         from .wsi import make_predictor, weights_id
@@ -152,7 +154,9 @@ def _predictor(opts: WSIOptions, device: str):
         _PREDICTORS.clear()  # one model per process
         model = Cerberus.load(opts.model_dir)
         predictor = make_predictor(model, input_shape=opts.input_shape, output_shape=opts.output_shape,
-                                   batch_size=opts.batch_size, device=device, precision=opts.precision, tta=opts.tta)
+                                   batch_size=opts.batch_size, device=device, precision=opts.precision, tta=opts.tta,
+                                   threads=opts.threads, postproc_workers=opts.postproc_workers,
+                                   memory_gb=opts.memory_gb)
         _PREDICTORS[key] = (predictor, model.config, weights_id(model))
     return _PREDICTORS[key]
 
@@ -165,19 +169,14 @@ def run_slide(path: str | Path, stem: str, mask: str | Path | None, opts: WSIOpt
     t0 = time.perf_counter()
     path = Path(path)
     try:
-        if opts.threads:
-            import torch
-
-            torch.set_num_threads(opts.threads)
         predictor, config, model_id = _predictor(opts, _worker_device(opts.device))
         kwargs = {} if echo is None else {"echo": echo}
         res = predict_slide(predictor, config, path, opts.output, stem=stem, mpp=opts.mpp,
                             mask=lambda: mask_for(mask, path, stem), chunk_size=opts.chunk_size,
                             margin_um=opts.margin_um,
-                            centroids_only=opts.centroids_only, postproc_workers=opts.postproc_workers,
-                            model_id=model_id, progress=opts.progress,
+                            centroids_only=opts.centroids_only, model_id=model_id, progress=opts.progress,
                             metadata={"model_dir": str(opts.model_dir), "device": str(predictor.device),
-                                      "batch_size": opts.batch_size}, **kwargs)
+                                      "runtime": predictor.runtime.line()}, **kwargs)
     except Exception as exc:  # one slide's failure must not stop the others
         return SlideStatus(path.name, "failed", 0, time.perf_counter() - t0, _one_line(exc))
     return SlideStatus(path.name, "skipped" if res.skipped else "done", res.objects, time.perf_counter() - t0)
@@ -190,10 +189,11 @@ def _echo(msg: str) -> None:
 
 
 def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, output: str | Path, *,
-              mpp: float | None = None, mask: str | Path | None = None, batch_size: int = 4, device: str = "cpu",
-              precision: str = "fp32", tta: bool = False, workers: int = 0, scheduler: str | None = None,
-              centroids_only: bool = False, chunk_size: int = 4096, margin_um: float = 256.0,
-              postproc_workers: int = 1, input_shape: int | None = None, output_shape: int | None = None,
+              mpp: float | None = None, mask: str | Path | None = None, batch_size: int | None = None,
+              device: str = "auto", precision: str = "auto", tta: bool = False, workers: int = 0,
+              scheduler: str | None = None, centroids_only: bool = False, chunk_size: int | None = None,
+              margin_um: float = 256.0, postproc_workers: int | None = None, input_shape: int | None = None,
+              output_shape: int | None = None, threads: int | None = None, memory_gb: float | None = None,
               progress: bool = True, echo: Callable[[str], None] = _echo) -> CohortSummary:
     """Predict every slide of ``inputs`` with the model in ``model_dir`` into ``output``.
 
@@ -201,7 +201,8 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
     ``scheduler`` (``tcp://host:8786``) uses a running cluster, whose workers must see the same paths. Without
     either, slides run here one after another. ``mask`` is a mask image (one slide) or a folder of masks named
     after the slides (``{stem}.png``). Problems with the options, the model or the output folder raise a
-    one-line :class:`CerberusError` before any slide; per-slide problems are rows of the summary.
+    one-line :class:`CerberusError` before any slide; per-slide problems are rows of the summary. Settings
+    left ``None``/``auto`` are chosen for the machine (:mod:`.runtime`) and stated in the first line of the log.
     """
     from ..io.readers import check_mpp
     from .tiles import check_output, output_stems
@@ -212,24 +213,27 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
         raise CerberusError(f"--workers must be 0 (this process) or a number of Dask worker processes, got {workers!r}")
     if workers and scheduler:
         raise CerberusError("pass --workers (start a local Dask cluster) or --scheduler (use a running one), not both")
-    if not isinstance(chunk_size, int) or chunk_size < 64:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 64):
         raise CerberusError(f"--chunk-size must be at least 64 model pixels (e.g. 4096), got {chunk_size!r}")
     if not margin_um > 0:
         raise CerberusError(f"--margin-um must be > 0 (context around each chunk, e.g. 256), got {margin_um}")
-    if not isinstance(postproc_workers, int) or postproc_workers < 0:
+    if postproc_workers is not None and (not isinstance(postproc_workers, int) or postproc_workers < 0):
         raise CerberusError(f"--postproc-workers must be 0 or more, got {postproc_workers!r}")
     slides = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
     if mask is not None and not Path(mask).is_dir() and len(slides) > 1:
         raise CerberusError(f"--mask {mask} is one file but there are {len(slides)} slides; pass a folder of masks "
                             "named after the slides ({stem}.png)")
     output = check_output(Path(output))
-    here = "cpu" if workers or scheduler else device  # fail early on a bad model or options, before any slide
-    _predictor(WSIOptions(str(model_dir), str(output), input_shape=input_shape, output_shape=output_shape,
-                          batch_size=batch_size, precision=precision, tta=tta, device=here), here)
-    stems = output_stems(slides)
     opts = WSIOptions(str(model_dir), str(output), mpp, batch_size, device, precision, tta, centroids_only,
-                      chunk_size, margin_um, postproc_workers, input_shape, output_shape, None,
-                      progress and not (workers or scheduler))
+                      chunk_size, margin_um, postproc_workers, input_shape, output_shape, threads,
+                      progress and not (workers or scheduler), memory_gb)
+    if workers and not scheduler and threads is None:
+        opts = replace(opts, threads=max(1, (os.cpu_count() or 1) // workers))
+    # fail early on a bad model or options, before any slide; state what was chosen
+    predictor = _predictor(opts, "cpu" if workers or scheduler else device)[0]
+    echo("settings are chosen by each Dask worker for its machine (see each slide's metadata)"
+         if workers or scheduler else predictor.runtime.line())
+    stems = output_stems(slides)
     from tqdm import tqdm
 
     from .wsi import output_paths
@@ -288,7 +292,6 @@ def _run_dask(slides: list[Path], stems: dict, mask, opts: WSIOptions, workers: 
                 raise CerberusError(f"cannot reach the Dask scheduler at {scheduler} ({_one_line(exc)}); start it "
                                     "with `dask scheduler` and check the address") from None
         else:
-            opts = replace(opts, threads=max(1, (os.cpu_count() or 1) // workers))
             # non-daemonic workers may start post-processing processes of their own
             with dask.config.set({"distributed.worker.daemon": False}):
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,

@@ -3,8 +3,9 @@
 One code path serves tiles (an :class:`~cerberus_histo.io.readers.ArrayReader`) and slides (a slide reader): a
 :class:`Predictor` reads the region plus its context in one ``read_region`` call at the model's mpp (white
 outside the image), cuts it into the windows of a :class:`~.tiling.TilePlan`, runs them through the network in
-batches (optionally with flip test-time augmentation and bf16/fp16 autocast), applies the softmax to the kept
-central crops only and writes them into the region's maps. Every output pixel comes from exactly one window.
+batches (optionally with flip test-time augmentation; bf16/fp16 autocast and the channels_last layout as
+:mod:`.runtime` chooses them for the machine), applies the softmax to the kept central crops only and writes them
+into the region's maps, in a thread while the next batch runs. Every output pixel comes from exactly one window.
 
 Coordinates: a region is ``(x, y, width, height)`` in *model-resolution* pixels of the reader's image, i.e.
 level-0 pixel = model pixel x ``model.config.mpp / reader.mpp``. Dense heads give ``C x height x width`` maps;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -24,26 +26,11 @@ import torch
 from ..errors import CerberusError
 from ..io.readers import Reader
 from .results import RegionPrediction
+from .runtime import PRECISIONS, autocast_dtype, plan_runtime, resolve_device
 from .tiling import Geometry, Tile, TilePlan, cell_count, cell_weights, plan_tiles
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: the flips averaged by test-time augmentation: none, left-right, up-down, both (dims of N x C x H x W)
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"cpu"``, ``"cuda"`` (``"cuda:1"``) or ``"mps"`` as a torch device; one-line error when unavailable."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise CerberusError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CerberusError("device cuda requested but no CUDA GPU is available here; use --device cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CerberusError("device mps requested but Apple MPS is not available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise CerberusError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
-    return dev
 
 
 class Predictor:
@@ -55,20 +42,23 @@ class Predictor:
         geometry: window sides; default :meth:`Geometry.default` (1024 in / 720 out, shrunk to small regions).
             ``Geometry.original()`` is the original's 448/144. ``input_shape``/``output_shape`` build one
             (``output_shape`` defaults to ``input_shape - 304``), used as given unless ``fit=True``.
-        batch_size: windows per forward pass.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
-        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast (weights stay fp32).
+        batch_size: windows per forward pass (None: chosen for the device, see :mod:`.runtime`).
+        device: ``"auto"`` (a CUDA GPU when there is one, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
+            ``"mps"``.
+        precision: ``"auto"`` (bf16 where the hardware has it natively, else fp32; see :mod:`.runtime`),
+            ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast (weights stay fp32).
         tta: average the probabilities of the 4 flips of each window (4x the network time).
         heads: heads to compute (default all).
         prob_dtype: dtype of the returned maps (``np.float16`` halves their memory).
+
+    ``runtime`` holds what was chosen (:class:`~.runtime.Runtime`; its ``line()`` says it); the model is put in
+    the channels_last layout where that is faster (CPU and CUDA).
     """
 
     def __init__(self, model, geometry: Geometry | None = None, *, input_shape: int | None = None,
-                 output_shape: int | None = None, fit: bool | None = None, batch_size: int = 4,
-                 device: str | torch.device = "cpu", precision: str = "fp32", tta: bool = False,
-                 heads: Iterable[str] | None = None, prob_dtype=np.float32):
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+                 output_shape: int | None = None, fit: bool | None = None, batch_size: int | None = None,
+                 device: str | torch.device = "auto", precision: str = "auto", tta: bool = False,
+                 heads: Iterable[str] | None = None, prob_dtype=np.float32, runtime=None):
         self.cell = int(model.encoder.strides[-1])
         if geometry is None:
             base = Geometry.default(self.cell)
@@ -83,12 +73,17 @@ class Predictor:
                 base = Geometry(base.input_shape, base.output_shape, fit=fit, align=self.cell)
             geometry = base
         self.geometry = geometry
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise CerberusError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = batch_size
-        if precision not in PRECISIONS:
-            raise CerberusError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        if runtime is None:
+            side = geometry.input_shape
+            runtime = plan_runtime(model, (side, side), device=str(device), precision=precision,
+                                   batch_size=batch_size, postproc_workers=0)
+        self.runtime = runtime
+        self.device = resolve_device(runtime.device)
+        self.model = model.to(self.device).eval()
+        if runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_size = runtime.batch_size
+        self.precision = runtime.precision
         self.tta = bool(tta)
         self.heads = tuple(model.head_names if heads is None else heads)
         unknown = [h for h in self.heads if h not in model.head_names]
@@ -96,6 +91,10 @@ class Predictor:
             raise CerberusError(f"no head(s) {unknown} in this model; heads: {', '.join(model.head_names)}")
         self.class_heads = {h for h in self.heads if model.config.head(h)[1].kind == "class"}
         self.prob_dtype = np.dtype(prob_dtype)
+
+    @property
+    def _layout(self):
+        return torch.channels_last if self.runtime.channels_last else torch.contiguous_format
 
     @property
     def mpp(self) -> float:
@@ -107,8 +106,8 @@ class Predictor:
         f = reader.mpp / self.mpp
         return 0, 0, max(1, round(w * f)), max(1, round(h * f))
 
-    def plan(self, width: int, height: int) -> TilePlan:
-        return plan_tiles(width, height, self.geometry)
+    def plan(self, width: int, height: int, fit: tuple[bool, bool] | None = None) -> TilePlan:
+        return plan_tiles(width, height, self.geometry, fit)
 
     # ---- the network on one batch --------------------------------------------------------------------
     def _forward(self, batch: torch.Tensor, inside: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -134,7 +133,7 @@ class Predictor:
         """Softmax probabilities (float32, CPU) of each window's crop: ``crops[i]`` = (x0, y0, x1, y1) in window
         pixels for dense heads; class heads return their whole cell maps (``inside``: see :meth:`_inside`). Flips
         are averaged with ``tta``."""
-        dtype = PRECISIONS[self.precision]
+        dtype = autocast_dtype(self.precision)
         kind = self.device.type
         flips = TTA_FLIPS if self.tta else ((),)
         x0, y0 = min(c[0] for c in crops), min(c[1] for c in crops)  # the union of the crops
@@ -144,7 +143,7 @@ class Predictor:
             for dims in flips:
                 x = batch.flip(dims) if dims else batch
                 w = inside.flip(dims) if dims and inside is not None else inside
-                out = self._forward(x.contiguous(memory_format=torch.channels_last), w)
+                out = self._forward(x.contiguous(memory_format=self._layout), w)
                 for name, logits in out.items():
                     logits = logits.flip(dims) if dims else logits
                     if name not in self.class_heads:
@@ -152,8 +151,10 @@ class Predictor:
                     p = logits.float().softmax(1)
                     acc[name] = p if name not in acc else acc[name] + p
         res: dict[str, list[torch.Tensor]] = {}
+        half = self.prob_dtype == np.float16
         for name, p in acc.items():
-            p = (p / len(flips)).cpu()
+            p = p / len(flips)
+            p = (p.half() if half and name not in self.class_heads else p).cpu()  # half the copy for float16 maps
             if name in self.class_heads:
                 res[name] = list(p)
             else:
@@ -162,21 +163,21 @@ class Predictor:
 
     # ---- a region ------------------------------------------------------------------------------------
     def predict_region(self, reader: Reader, region: tuple[int, int, int, int] | None = None,
-                       progress=None, keep: Callable[[Sequence[Tile]], Sequence[bool]] | None = None
-                       ) -> RegionPrediction:
+                       progress=None, keep: Callable[[Sequence[Tile]], Sequence[bool]] | None = None,
+                       fit: tuple[bool, bool] | None = None) -> RegionPrediction:
         """Probabilities of ``region`` = (x, y, width, height) in model pixels (default: the whole image).
 
         ``progress``, if given, is called with the number of windows finished after each batch. ``keep``, if
         given, gets the plan's windows and returns one flag per window: windows flagged False are not run (whole
         slides skip the windows without tissue) and their output crops stay 0 in every map (no class has any
         probability there); nothing is read when no window is left. ``windows`` of the result counts the windows
-        run.
+        run. ``fit`` = (x, y) overrides the geometry's ``fit`` per axis (see :func:`~.tiling.plan_tiles`).
         """
         timings = {"read": 0.0, "forward": 0.0, "stitch": 0.0}
         x, y, width, height = region or self.full_region(reader)
         if width < 1 or height < 1:
             raise CerberusError(f"region {region} is empty; width and height must be >= 1 model pixel")
-        plan = self.plan(width, height)
+        plan = self.plan(width, height, fit)
         tiles = plan.tiles()
         if keep is not None:
             tiles = [t for t, k in zip(tiles, keep(tiles), strict=True) if k]
@@ -195,22 +196,35 @@ class Predictor:
             probs[name] = np.zeros(shape, np.float32 if name in self.class_heads else self.prob_dtype)
         wh, ww = plan.window_shape
         extent = self.full_region(reader)[2:]
-        for b in range(0, len(tiles), self.batch_size):
-            chunk = tiles[b:b + self.batch_size]
-            t0 = time.perf_counter()
-            windows = np.stack([block[t.window[1] - ry0:t.window[1] - ry0 + wh, t.window[0] - rx0:t.window[0] - rx0 + ww]
-                                for t in chunk])
-            batch = torch.from_numpy(windows).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
-            inside = self._inside(chunk, (x, y), extent, (wh, ww)) if self.class_heads else None
-            out = self._probs(batch, [t.crop_in_window for t in chunk], inside)
+
+        def stitch(chunk: Sequence[Tile], out: dict[str, list[torch.Tensor]]) -> float:
             t1 = time.perf_counter()
-            timings["forward"] += t1 - t0
             for name, maps in out.items():
                 for t, p in zip(chunk, maps, strict=True):
                     self._stitch(probs[name], p.numpy(), t, plan, name in self.class_heads)
-            timings["stitch"] += time.perf_counter() - t1
-            if progress is not None:
-                progress(len(chunk))
+            return time.perf_counter() - t1
+
+        # batch k is stitched (a thread: numpy copies release the GIL) while the network runs batch k + 1
+        with ThreadPoolExecutor(1) as stitcher:
+            pending = None
+            for b in range(0, len(tiles), self.batch_size):
+                chunk = tiles[b:b + self.batch_size]
+                t0 = time.perf_counter()
+                windows = torch.from_numpy(np.stack([block[t.window[1] - ry0:t.window[1] - ry0 + wh,
+                                                           t.window[0] - rx0:t.window[0] - rx0 + ww] for t in chunk]))
+                if self.device.type == "cuda":
+                    windows = windows.pin_memory()
+                batch = windows.permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+                inside = self._inside(chunk, (x, y), extent, (wh, ww)) if self.class_heads else None
+                out = self._probs(batch, [t.crop_in_window for t in chunk], inside)
+                timings["forward"] += time.perf_counter() - t0
+                if pending is not None:
+                    timings["stitch"] += pending.result()
+                pending = stitcher.submit(stitch, chunk, out)
+                if progress is not None:
+                    progress(len(chunk))
+            if pending is not None:
+                timings["stitch"] += pending.result()
         for name in self.class_heads:
             probs[name] = probs[name].astype(self.prob_dtype, copy=False)
         return RegionPrediction(probs, (x, y, width, height), self.mpp, self.cell, len(tiles), timings)

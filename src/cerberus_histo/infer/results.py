@@ -23,7 +23,7 @@ class RegionPrediction:
         cell: model pixels per value of the ``class`` maps (the encoder's overall stride).
         windows: network windows run (test-time flips not counted).
         timings: seconds spent reading (``read``), in the network incl. softmax and transfer (``forward``) and
-            writing the crops into the maps (``stitch``).
+            writing the crops into the maps (``stitch``, in a thread while the network runs the next batch).
     """
 
     probs: dict[str, np.ndarray]

@@ -200,21 +200,23 @@ def _echo(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
-def infer_tiles(model_dir: Path, input_path: Path, output: Path, *, mpp: float | None = None, batch_size: int = 4,
-                device: str = "cpu", workers: int = 1, precision: str = "fp32", tta: bool = False,
+def infer_tiles(model_dir: Path, input_path: Path, output: Path, *, mpp: float | None = None,
+                batch_size: int | None = None, device: str = "auto", workers: int | None = None,
+                precision: str = "auto", threads: int | None = None, tta: bool = False,
                 formats: Sequence[str] | None = None, input_shape: int | None = None,
                 output_shape: int | None = None, centroids_only: bool = False, progress: bool = True,
                 echo: Callable[[str], None] = _echo) -> TileRunSummary:
     """Predict every image of ``input_path`` (a file or a folder) with the model in ``model_dir`` and write
     the results to ``output`` (see the module docstring). Per-image problems are reported through ``echo``
     and collected in the summary's ``failed``; problems with the model, the options or the output folder raise
-    a one-line :class:`CerberusError` before any work."""
+    a one-line :class:`CerberusError` before any work. Settings left ``None``/``auto`` are chosen for the machine
+    (:mod:`.runtime`; ``workers``: the cores the network leaves free) and stated through ``echo`` first."""
     from ..io.export import FORMATS, check_formats
 
     fmts = check_formats(FORMATS if formats is None else formats)
     if mpp is not None:
         mpp = check_mpp(mpp, "--mpp")
-    if not isinstance(workers, int) or workers < 0:
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
         raise CerberusError(f"--workers must be 0 (post-process in this process) or more, got {workers!r}")
     images = list_images(input_path)
     output = check_output(output)
@@ -226,20 +228,18 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, *, mpp: float |
 
     from ..models.net import Cerberus
     from .engine import Predictor
+    from .runtime import plan_runtime
 
     model = Cerberus.load(model_dir)
-    predictor = Predictor(model, input_shape=input_shape, output_shape=output_shape, batch_size=batch_size,
-                          device=device, precision=precision, tta=tta)
+    side = input_shape or 1024
+    runtime = plan_runtime(model, (side, side), device=device, precision=precision, batch_size=batch_size,
+                           threads=threads, postproc_workers=workers)
+    predictor = Predictor(model, input_shape=input_shape, output_shape=output_shape, tta=tta, runtime=runtime)
+    echo(runtime.line(chunks=False))
+    workers = runtime.postproc_workers
     g = predictor.geometry
-    metadata = {"model_dir": str(model_dir), "mpp_given": mpp is not None, "precision": precision, "tta": bool(tta),
-                "window": f"{g.input_shape}/{g.output_shape}{' fit' if g.fit else ''}"}
-    threads = None
-    if predictor.device.type == "cpu" and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
-        # leave the workers their cores: OpenMP threads that share cores with other busy processes spin-wait
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+    metadata = {"model_dir": str(model_dir), "mpp_given": mpp is not None, "precision": runtime.precision,
+                "tta": bool(tta), "window": f"{g.input_shape}/{g.output_shape}{' fit' if g.fit else ''}"}
     pool = None
     if workers > 0:
         import multiprocessing
@@ -305,10 +305,6 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, *, mpp: float |
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
     return summary
 
 

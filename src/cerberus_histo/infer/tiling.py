@@ -109,13 +109,13 @@ class AxisPlan:
         return -self.margin, self.count * self.output + self.margin
 
 
-def plan_axis(length: int, geometry: Geometry) -> AxisPlan:
-    """Windows covering ``length`` (>= 1) pixels; see :class:`Geometry` for ``fit``."""
+def plan_axis(length: int, geometry: Geometry, fit: bool | None = None) -> AxisPlan:
+    """Windows covering ``length`` (>= 1) pixels; see :class:`Geometry` for ``fit`` (default: the geometry's)."""
     if length < 1:
         raise ValueError(f"a region needs at least 1 pixel per side, got {length}")
     out = geometry.output_shape
     count = math.ceil(length / out)
-    if geometry.fit:
+    if geometry.fit if fit is None else fit:
         a = geometry.align
         out = min(out, math.ceil(math.ceil(length / count) / a) * a)
     return AxisPlan(int(length), int(out), geometry.margin, count)
@@ -172,9 +172,12 @@ class TilePlan:
         return out
 
 
-def plan_tiles(width: int, height: int, geometry: Geometry) -> TilePlan:
-    """The windows covering a ``width x height`` region (each side >= 1 pixel, any size)."""
-    return TilePlan(int(width), int(height), geometry, plan_axis(height, geometry), plan_axis(width, geometry))
+def plan_tiles(width: int, height: int, geometry: Geometry, fit: tuple[bool, bool] | None = None) -> TilePlan:
+    """The windows covering a ``width x height`` region (each side >= 1 pixel, any size); ``fit`` = (x, y)
+    overrides the geometry's ``fit`` per axis (whole slides fit the windows along an axis that one chunk covers:
+    a 12000 x 16 strip gets windows of 1024 x 320 px, not 1024 x 1024)."""
+    fx, fy = (None, None) if fit is None else fit
+    return TilePlan(int(width), int(height), geometry, plan_axis(height, geometry, fy), plan_axis(width, geometry, fx))
 
 
 def coverage(plan: TilePlan) -> np.ndarray:

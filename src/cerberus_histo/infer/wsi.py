@@ -41,7 +41,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ from ..postproc import Instances, TaskResult, postprocess
 from .tiling import Geometry, Tile, plan_tiles
 
 MASK_MPP, MASK_MAX_SIDE = 8.0, 2048  # computed tissue masks: 8 um/px, at most 2048 px per side
+DEFAULT_CHUNK = 4096  # model px, for a predictor without a runtime (and so without a memory budget)
 TISSUE_PAD_UM = 32.0  # a window (chunk) runs when its output crop grown by this much touches tissue
 CHUNKS_TABLE = ("CREATE TABLE IF NOT EXISTS cerberus_chunks (idx INTEGER PRIMARY KEY, objects INTEGER, "
                 "dropped INTEGER, windows INTEGER, cell_y INTEGER, cell_x INTEGER, cell_h INTEGER, cell_w INTEGER, "
@@ -93,25 +94,36 @@ def plan_chunks(width: int, height: int, output: int, chunk: int, margin: int) -
 
 
 def window_keeper(mask: np.ndarray, mask_mpp: float, slide_mpp: float, scale: float, origin: tuple[int, int],
-                  output: int, pad: float) -> Callable[[Sequence[Tile]], np.ndarray]:
+                  margin: int, pad: float) -> Callable[[Sequence[Tile]], np.ndarray]:
     """``keep`` for :meth:`~.engine.Predictor.predict_region` on a region at ``origin`` (model px, on the window
-    grid): a window runs when its whole (unclipped) output crop, in level-0 pixels (``scale`` per model pixel)
-    grown by ``pad`` level-0 pixels, touches tissue. The decision depends only on the window's global position."""
+    grid): a window runs when its whole (unclipped) output crop, the window less its ``margin`` on each side, in
+    level-0 pixels (``scale`` per model pixel) grown by ``pad`` level-0 pixels, touches tissue. The decision
+    depends only on the window's global position."""
     from ..io.tissue import mask_tiles
 
     def keep(tiles: Sequence[Tile]) -> np.ndarray:
-        boxes = np.array([((origin[0] + t.col * output) * scale - pad, (origin[1] + t.row * output) * scale - pad,
-                           (origin[0] + (t.col + 1) * output) * scale + pad,
-                           (origin[1] + (t.row + 1) * output) * scale + pad) for t in tiles], np.float64)
+        boxes = np.array([((origin[0] + t.window[0] + margin) * scale - pad,
+                           (origin[1] + t.window[1] + margin) * scale - pad,
+                           (origin[0] + t.window[2] - margin) * scale + pad,
+                           (origin[1] + t.window[3] - margin) * scale + pad) for t in tiles], np.float64)
         return mask_tiles(mask, mask_mpp, boxes.reshape(-1, 4), slide_mpp)
 
     return keep
 
 
-def read_box(chunk: Chunk, geometry: Geometry) -> tuple[int, int, int, int]:
+def _dense_channels(config, heads: Sequence[str]) -> int:
+    """Channels of the dense probability maps of ``heads`` (what a chunk holds per model pixel)."""
+    out = 0
+    for name in heads:
+        task, kind = config.head(name)[0], config.head(name)[1].kind
+        out += 0 if kind == "class" else task.num_outputs(kind)
+    return out
+
+
+def read_box(chunk: Chunk, geometry: Geometry, fit: tuple[bool, bool] | None = None) -> tuple[int, int, int, int]:
     """The slide box (model px) the engine reads for ``chunk``'s extended region."""
     x, y, w, h = chunk.region
-    rx0, ry0, rx1, ry1 = plan_tiles(w, h, geometry).read_box
+    rx0, ry0, rx1, ry1 = plan_tiles(w, h, geometry, fit).read_box
     return x + rx0, y + ry0, x + rx1, y + ry1
 
 
@@ -308,8 +320,8 @@ def _mask_cells(mask: np.ndarray, mask_mpp: float, shape: tuple[int, int], cell_
 
 def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, stem: str | None = None,
                   mpp: float | None = None, mask: str | Path | Callable[[], Path | None] | None = None,
-                  chunk_size: int = 4096,
-                  margin_um: float = 256.0, centroids_only: bool = False, postproc_workers: int = 1,
+                  chunk_size: int | None = None,
+                  margin_um: float = 256.0, centroids_only: bool = False, postproc_workers: int | None = None,
                   read_threads: int = 2, model_id: str = "", metadata: dict | None = None, progress: bool = True,
                   echo: Callable[[str], None] = _echo, on_commit: Callable[[int], None] | None = None) -> WSIResult:
     """Predict one slide in chunks and write its outputs into ``output`` (see the module docstring).
@@ -317,15 +329,17 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
     Args:
         predictor: a :class:`~.engine.Predictor` whose geometry has ``fit=False`` and an output side that is a
             multiple of its ``cell`` (see :func:`make_predictor`), or any object with the same ``mpp``, ``cell``,
-            ``geometry`` and ``predict_region(reader, region, keep=...)``.
+            ``geometry``, ``predict_region(reader, region, keep=..., fit=...)`` and optionally ``runtime``.
         config: the model's :class:`~cerberus_histo.config.ModelConfig` (class names and colours).
         slide: the slide file; ``mpp`` overrides its metadata's resolution.
         mask: a tissue mask image of the slide (any size), or a function giving its path once the slide has
             opened; default (None): computed (:func:`~cerberus_histo.io.tissue.tissue_mask`).
         chunk_size: chunk side in model pixels (rounded up to whole windows); memory grows with its square.
+            Default: the largest that fits the predictor's memory budget (:meth:`~.runtime.Runtime.chunk_for`).
+            Along an axis that one chunk covers, windows are fitted to the slide as for tiles.
         margin_um: context around each chunk (rounded up to whole windows); objects larger than this from their
             centroid are cut and dropped (counted in the metadata).
-        postproc_workers: post-processing processes (0: in this process).
+        postproc_workers: post-processing processes (0: in this process; default: the runtime's).
         model_id: identifies the weights, so a partial result of other weights is never resumed.
         on_commit: called with each chunk's index after its records are committed (tests interrupt runs here).
     """
@@ -353,8 +367,11 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
                             f"{cell}; got {geometry}. Build the predictor with make_predictor")
     if not margin_um > 0:
         raise CerberusError(f"--margin-um must be > 0 (context around each chunk, e.g. 256), got {margin_um}")
-    if not (isinstance(chunk_size, int) and chunk_size > 0):
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise CerberusError(f"--chunk-size must be a positive number of model pixels, got {chunk_size!r}")
+    runtime = getattr(predictor, "runtime", None)
+    if postproc_workers is None:
+        postproc_workers = 0 if runtime is None else runtime.postproc_workers
     timings = {"mask": 0.0, "read": 0.0, "infer": 0.0, "forward": 0.0, "postprocess": 0.0, "write": 0.0,
                "outputs": 0.0}
     reader = open_slide(slide, mpp)
@@ -377,14 +394,20 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
         for w in caught:
             echo(f"warning: {w.message}")
         save_mask(paths["mask"], tmask)
-        chunks = plan_chunks(width, height, out_side, chunk_size, margin_um / predictor.mpp)
+        margin_px = math.ceil(margin_um / predictor.mpp / out_side) * out_side
+        if chunk_size is None and runtime is None:
+            chunk_size = DEFAULT_CHUNK
+        elif chunk_size is None:
+            chunk_size = replace(runtime, postproc_workers=postproc_workers).chunk_for(
+                width, height, out_side, margin_px, _dense_channels(config, predictor.heads))
+        chunks = plan_chunks(width, height, out_side, chunk_size, margin_px)
+        fit = (width <= chunks[0].core[2], height <= chunks[0].core[3])  # one chunk along x / y
         pad = TISSUE_PAD_UM / slide_mpp
         boxes = np.array([(c.core[0] * scale - pad, c.core[1] * scale - pad, c.core[2] * scale + pad,
                            c.core[3] * scale + pad) for c in chunks], np.float64).reshape(-1, 4)
         tissue_chunks = [c for c, k in zip(chunks, mask_tiles(tmask, mask_mpp, boxes, slide_mpp), strict=True) if k]
         timings["mask"] = time.perf_counter() - t0
         chunk_px = max(1, math.ceil(chunk_size / out_side)) * out_side  # as plan_chunks rounds them
-        margin_px = math.ceil(margin_um / predictor.mpp / out_side) * out_side
         run = {"model": config.to_dict(), "model_id": model_id, "slide": slide.name, "size": list(reader.dimensions),
                "mpp": slide_mpp, "processing_mpp": predictor.mpp, "window": [geometry.input_shape, out_side],
                "chunks": len(chunks), "chunk": chunk_px, "margin_um": margin_um,
@@ -399,15 +422,17 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
         con = store.connection
         done_before = {int(r[0]) for r in con.execute("SELECT idx FROM cerberus_chunks")}
         todo = [c for c in tissue_chunks if c.index not in done_before]
-        windows_total = sum(len(plan_tiles(c.region[2], c.region[3], geometry)) for c in tissue_chunks)
+        windows_total = sum(len(plan_tiles(c.region[2], c.region[3], geometry, fit)) for c in tissue_chunks)
         if postproc_workers > 0 and multiprocessing.current_process().daemon:
             postproc_workers = 0  # a daemonic process (e.g. a dask worker) cannot have children
         if postproc_workers > 0 and todo:
             from concurrent.futures import ProcessPoolExecutor
 
             pool = ProcessPoolExecutor(postproc_workers, mp_context=multiprocessing.get_context("spawn"))
+        echo(f"{stem}: {width} x {height} model px, {len(tissue_chunks)} of {len(chunks)} chunks of {chunk_px} px "
+             f"with tissue (margin {margin_px} px), windows {plan_tiles(*chunks[0].region[2:], geometry, fit).window_shape[::-1]}")
         windows_run = _run_chunks(predictor, config, grid, store, pool, postproc_workers, todo, len(tissue_chunks),
-                                  stem, tmask, mask_mpp, (width, height), timings, progress, on_commit)
+                                  stem, tmask, mask_mpp, (width, height), fit, timings, progress, on_commit)
         t_loop = time.perf_counter()
 
         summary = _write_outputs(store, config, reader, paths, tmask, mask_mpp, int(predictor.cell), scale,
@@ -490,15 +515,14 @@ def _write_outputs(store, config, reader, paths: dict[str, Path], mask: np.ndarr
 
 
 def _run_chunks(predictor, config, grid: GridReader, store, pool, workers: int, todo: list[Chunk], total: int,
-                stem: str,
-                mask: np.ndarray, mask_mpp: float, size: tuple[int, int], timings: dict[str, float], progress: bool,
-                on_commit: Callable[[int], None] | None) -> int:
+                stem: str, mask: np.ndarray, mask_mpp: float, size: tuple[int, int], fit: tuple[bool, bool],
+                timings: dict[str, float], progress: bool, on_commit: Callable[[int], None] | None) -> int:
     """Predict, post-process and commit the ``todo`` chunks in order, overlapping reading (``grid``'s threads),
     the network (here) and post-processing (``pool`` of ``workers`` processes, or here when None); returns the
     windows run. At most ``workers`` chunks wait for post-processing while the next one is predicted."""
     from tqdm import tqdm
 
-    geometry, out_side = predictor.geometry, int(predictor.geometry.output_shape)
+    geometry = predictor.geometry
     scale = predictor.mpp / grid.mpp
     pad = TISSUE_PAD_UM / grid.mpp
     bar = tqdm(total=total, initial=total - len(todo), unit="chunk", desc=stem, disable=not progress, leave=False,
@@ -523,13 +547,13 @@ def _run_chunks(predictor, config, grid: GridReader, store, pool, workers: int, 
 
     try:
         if todo:
-            grid.prefetch(read_box(todo[0], geometry))
+            grid.prefetch(read_box(todo[0], geometry, fit))
         for i, chunk in enumerate(todo):
             if i + 1 < len(todo):
-                grid.prefetch(read_box(todo[i + 1], geometry))
-            keep = window_keeper(mask, mask_mpp, grid.mpp, scale, chunk.ext[:2], out_side, pad)
-            pred = predictor.predict_region(grid, chunk.region, keep=keep)
-            grid.release(read_box(chunk, geometry))
+                grid.prefetch(read_box(todo[i + 1], geometry, fit))
+            keep = window_keeper(mask, mask_mpp, grid.mpp, scale, chunk.ext[:2], geometry.margin, pad)
+            pred = predictor.predict_region(grid, chunk.region, keep=keep, fit=fit)
+            grid.release(read_box(chunk, geometry, fit))
             timings["infer"] += pred.timings.get("forward", 0.0) + pred.timings.get("stitch", 0.0)
             timings["forward"] += pred.timings.get("forward", 0.0)
             windows_run += pred.windows
@@ -550,12 +574,15 @@ def _run_chunks(predictor, config, grid: GridReader, store, pool, workers: int, 
 
 
 # ---- a model ---------------------------------------------------------------------------------------------
-def make_predictor(model, *, input_shape: int | None = None, output_shape: int | None = None, batch_size: int = 4,
-                   device: str = "cpu", precision: str = "fp32", tta: bool = False):
+def make_predictor(model, *, input_shape: int | None = None, output_shape: int | None = None,
+                   batch_size: int | None = None, device: str = "auto", precision: str = "auto", tta: bool = False,
+                   threads: int | None = None, postproc_workers: int | None = None, memory_gb: float | None = None):
     """A :class:`~.engine.Predictor` for whole slides: windows of ``input_shape`` (default 1024) keeping their
-    central ``output_shape`` (default ``input_shape - 304``, a multiple of the encoder stride), never shrunk, and
-    float16 probability maps (half the memory of a chunk)."""
+    central ``output_shape`` (default ``input_shape - 304``, a multiple of the encoder stride), on one slide-wide
+    grid, and float16 probability maps (half the memory of a chunk). Settings left ``None``/``auto`` are chosen
+    for the machine (:func:`~.runtime.plan_runtime`; ``predictor.runtime.line()`` states them)."""
     from .engine import Predictor
+    from .runtime import plan_runtime
 
     cell = int(model.encoder.strides[-1])
     i = int(input_shape or 1024)
@@ -567,14 +594,14 @@ def make_predictor(model, *, input_shape: int | None = None, output_shape: int |
         geometry = Geometry(i, o, fit=False, align=cell)
     except ValueError as exc:
         raise CerberusError(f"window geometry: {exc}") from None
-    return Predictor(model, geometry, batch_size=batch_size, device=device, precision=precision, tta=tta,
-                     prob_dtype=np.float16)
+    runtime = plan_runtime(model, (i, i), device=device, precision=precision, batch_size=batch_size,
+                           threads=threads, postproc_workers=postproc_workers, memory_gb=memory_gb)
+    return Predictor(model, geometry, tta=tta, prob_dtype=np.float16, runtime=runtime)
 
 
 def predict_wsi(model, slide: str | Path, output: str | Path = "cerberus-wsi", *, mpp: float | None = None,
-                mask: str | Path | None = None, chunk_size: int = 4096, margin_um: float = 256.0,
-                centroids_only: bool = False, postproc_workers: int = 1, progress: bool = True,
-                predictor=None, **options) -> WSIResult:
+                mask: str | Path | None = None, chunk_size: int | None = None, margin_um: float = 256.0,
+                centroids_only: bool = False, progress: bool = True, predictor=None, **options) -> WSIResult:
     """See :meth:`~cerberus_histo.models.net.Cerberus.predict_wsi`; ``options`` go to :func:`make_predictor`
     (or pass a ready ``predictor``)."""
     if predictor is None:
@@ -582,8 +609,8 @@ def predict_wsi(model, slide: str | Path, output: str | Path = "cerberus-wsi", *
     elif options:
         raise TypeError(f"pass options to make_predictor, not with predictor=: {', '.join(options)}")
     return predict_slide(predictor, model.config, slide, output, mpp=mpp, mask=mask, chunk_size=chunk_size,
-                         margin_um=margin_um, centroids_only=centroids_only, postproc_workers=postproc_workers,
-                         progress=progress, model_id=weights_id(model))
+                         margin_um=margin_um, centroids_only=centroids_only, progress=progress,
+                         model_id=weights_id(model))
 
 
 def weights_id(model) -> str:

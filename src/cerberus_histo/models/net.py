@@ -148,23 +148,24 @@ class Cerberus(nn.Module):
         return predict_tile(self, image, mpp=mpp, **options)
 
     def predict_wsi(self, slide, output="cerberus-wsi", *, mpp: float | None = None, mask=None,
-                    chunk_size: int = 4096, margin_um: float = 256.0, centroids_only: bool = False,
-                    postproc_workers: int = 1, progress: bool = True, **options):
+                    chunk_size: int | None = None, margin_um: float = 256.0, centroids_only: bool = False,
+                    progress: bool = True, **options):
         """Glands, lumina, nuclei and tissue classes of a whole slide, predicted chunk by chunk with bounded memory
         and written to ``output`` (a folder): the SQLite store (TIAToolbox), QuPath GeoJSON, summary JSON/CSV,
         thumbnail overlay, tissue mask and metadata, all in level-0 pixels. Returns a
         :class:`~cerberus_histo.infer.wsi.WSIResult` (output paths, summary, counts, timings).
 
         ``mpp`` overrides the slide's level-0 resolution; ``mask`` is a tissue mask image (default: computed);
-        ``chunk_size`` (model px) and ``margin_um`` set the chunking; a re-run resumes an interrupted slide and
-        skips a finished one. ``options`` go to :func:`~cerberus_histo.infer.wsi.make_predictor` (``batch_size``,
-        ``device``, ``precision``, ``tta``, ``input_shape``, ``output_shape``). See ``docs/wsi.md``.
+        ``chunk_size`` (model px; default: the largest the memory budget allows) and ``margin_um`` set the
+        chunking; a re-run resumes an interrupted slide and skips a finished one. ``options`` go to
+        :func:`~cerberus_histo.infer.wsi.make_predictor` (``batch_size``, ``device``, ``precision``, ``tta``,
+        ``threads``, ``postproc_workers``, ``memory_gb``, ``input_shape``, ``output_shape``; left out, they are
+        chosen for the machine). See ``docs/wsi.md``.
         """
         from ..infer.wsi import predict_wsi
 
         return predict_wsi(self, slide, output, mpp=mpp, mask=mask, chunk_size=chunk_size, margin_um=margin_um,
-                           centroids_only=centroids_only, postproc_workers=postproc_workers, progress=progress,
-                           **options)
+                           centroids_only=centroids_only, progress=progress, **options)
 
     # ---- checkpoints (implemented in .checkpoint) ------------------------------------------------------
     def save(self, folder: str | Path) -> Path:

@@ -1,0 +1,265 @@
+"""Defaults chosen for the machine: device, precision, memory layout, batch, chunk, threads and workers.
+
+Every choice can be given instead (``auto`` or ``None`` asks for it to be chosen); :meth:`Runtime.line` states
+them all in the line that starts a run. The rules, each measured (``docs/inference.md``, "Defaults chosen for the
+machine"):
+
+* **device** ``auto``: the first CUDA GPU when torch sees one, else the CPU (Apple's ``mps`` only when asked).
+* **precision** ``auto``: bf16 autocast on CUDA GPUs that support it and on CPUs with native bf16 (AVX512-BF16
+  or AMX; elsewhere it is emulated and slower), fp32 everywhere else.
+* **layout**: channels_last on CPU and CUDA (faster in every precision measured), the default layout on ``mps``.
+* **batch**: 1 on a CPU (a larger batch costs memory and gains nothing there); on a GPU as many windows as fit
+  in 60% of its free memory, at most 16.
+* **threads**: torch's own default (one per core), or ``threads``.
+* **post-processing workers**: the cores the device leaves free: on a CPU whose cores all run the network,
+  none (post-processing runs between chunks in the same process); on a GPU all cores but two.
+* **memory**: a budget (``memory_gb``; default on a CPU 3 GB or half the available memory if that is less, on a
+  GPU machine half the available memory) that the whole process and its workers stay within: the chunk side of a
+  slide is the largest that fits (:meth:`Runtime.chunk_for`). A larger budget gives larger chunks, and so fewer
+  context margins computed twice (faster); a smaller one, more of them.
+
+The network's memory per window is traced once per model, precision and window (:func:`window_bytes`): every
+tensor a forward pass allocates is counted while it lives, on a small window, and scaled to the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CerberusError
+
+GB = 2**30
+CPU_BUDGET_GB = 3.0  # the default memory budget on a CPU (a laptop with 8 GB keeps room for everything else)
+GPU_MAX_BATCH = 16
+POSTPROC_BYTES_PER_PX = 56  # post-processing's working memory per model pixel of a chunk: 45 measured, + 25%
+READ_BYTES_PER_PX = 6  # the chunk's RGB block and the next one's, read ahead
+BASE_BYTES = 600 * 2**20  # a process with torch, the readers and post-processing imported (measured 350-450 MB)
+MAX_CHUNK_WINDOWS = 8  # chunks of at most 8 x 8 windows: a finer pipeline, and post-processing's time per chunk
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast_dtype(precision: str):
+    """The torch autocast dtype of a precision name (None for fp32)."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast is fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def available_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def resolve_device(device: str = "auto"):
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a torch device; a
+    one-line error when unavailable."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CerberusError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CerberusError(f"device {device} requested but torch {torch.__version__} sees no CUDA GPU here; "
+                            "use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CerberusError("device mps requested but Apple MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise CerberusError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def auto_precision(device) -> tuple[str, str]:
+    """``(precision, why)`` for a torch device: bf16 where the hardware has it natively, else fp32."""
+    import torch
+
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} supports bf16"
+        return "fp32", f"{torch.cuda.get_device_name(device)} lacks bf16"
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return "bf16", "native bf16 on this CPU"
+        return "fp32", "no native bf16 on this CPU"
+    return "fp32", f"{device.type}"
+
+
+def window_bytes(model, shape: tuple[int, int], precision: str, batch: int = 1, channels_last: bool = True) -> int:
+    """Peak bytes of the tensors that one forward pass of ``batch`` windows of ``shape`` allocates (softmax and
+    crops included), traced on a 128-px window and scaled by area (activations grow with it), + 15% for the
+    kernels' own scratch memory (measured on a CPU: 1.15-1.17 x the traced figure)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self.seen: set[int] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    key, n = storage.data_ptr(), storage.nbytes()
+                    if n and key not in self.seen:
+                        self.seen.add(key)
+                        self.live += n
+                        self.peak = max(self.peak, self.live)
+                        weakref.finalize(storage, self._free, key, n)
+            return out
+
+        def _free(self, key: int, n: int) -> None:
+            self.live -= n
+            self.seen.discard(key)
+
+    side = 128
+    device = next(model.parameters()).device
+    x = torch.zeros((1, 3, side, side), dtype=torch.uint8, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = autocast_dtype(precision)
+    trace = Live()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                                                  enabled=dtype is not None), trace:
+        out = model.forward_dense(x, model.head_names)
+        probs = [v.float().softmax(1) for v in out.values()]
+    del out, probs
+    return int(trace.peak * batch * shape[0] * shape[1] / side**2 * 1.15)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a run uses, and why (``why``: setting -> reason, for the chosen ones)."""
+
+    device: str
+    precision: str
+    channels_last: bool
+    batch_size: int
+    threads: int
+    postproc_workers: int
+    memory_bytes: int
+    batch_bytes: int  # the network's host memory for one batch (0 on a GPU)
+    weight_bytes: int = 0
+    why: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def memory_gb(self) -> float:
+        return self.memory_bytes / GB
+
+    def chunk_bytes_per_px(self, dense_channels: int) -> int:
+        """Host memory per model pixel of a chunk's extended region: its float16 probability maps, the read
+        blocks and post-processing, once here and once in each worker (plus the copy sent to it)."""
+        here = 2 * dense_channels + READ_BYTES_PER_PX
+        if self.postproc_workers == 0:
+            return here + POSTPROC_BYTES_PER_PX
+        return here + 2 * dense_channels + self.postproc_workers * (2 * dense_channels + POSTPROC_BYTES_PER_PX)
+
+    def chunk_for(self, width: int, height: int, output: int, margin: int, dense_channels: int) -> int:
+        """The largest chunk side (a multiple of the window ``output``, at most 8 windows) whose extended region
+        (the chunk + ``margin`` on each side, clipped to the ``width x height`` slide) fits in the budget left
+        after the process itself (``BASE_BYTES`` + the weights) and the network's batch; at least one window.
+        Fixed figures, not the memory of the moment, so that a resumed run chunks the slide as before."""
+        left = self.memory_bytes - BASE_BYTES - self.weight_bytes - self.batch_bytes
+        per_px = self.chunk_bytes_per_px(dense_channels)
+        best = 1
+        for k in range(1, MAX_CHUNK_WINDOWS + 1):
+            side = k * output + 2 * margin
+            if min(side, width) * min(side, height) * per_px <= left:
+                best = k
+            if k * output >= max(width, height):
+                break
+        return best * output
+
+    def line(self, chunks: bool = True) -> str:
+        """The settings in one line, as a run's log starts (``chunks``: with the memory budget of slides)."""
+        def why(key: str) -> str:
+            return f" ({self.why[key]})" if key in self.why else ""
+
+        workers = (f"{self.postproc_workers} post-processing worker{'s' * (self.postproc_workers != 1)}"
+                   if self.postproc_workers else "post-processing in this process")
+        return (f"device {self.device}{why('device')}, precision {self.precision}{why('precision')}, layout "
+                f"{'channels_last' if self.channels_last else 'contiguous'}, batch {self.batch_size}{why('batch')}, "
+                f"{self.threads} torch thread{'s' * (self.threads != 1)}, {workers}{why('workers')}"
+                + (f", memory budget {self.memory_gb:.1f} GB{why('memory')}" if chunks else ""))
+
+
+def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str = "auto", precision: str = "auto",
+                 batch_size: int | None = None, threads: int | None = None, postproc_workers: int | None = None,
+                 memory_gb: float | None = None) -> Runtime:
+    """Choose every setting left ``auto``/``None`` for ``model`` on this machine (see the module docstring).
+    Sets torch's thread count when ``threads`` is given and moves the model to the device."""
+    import torch
+
+    why: dict[str, str] = {}
+    dev = resolve_device(device)
+    if device in (None, "auto"):
+        why["device"] = "auto"
+    if precision in (None, "auto"):
+        precision, why["precision"] = auto_precision(dev)
+    elif precision not in PRECISIONS:
+        raise CerberusError(f"precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    channels_last = dev.type in ("cpu", "cuda")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise CerberusError(f"--threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+    n_threads = torch.get_num_threads()
+    cores = cpu_cores()
+    if postproc_workers is None:
+        postproc_workers = max(0, cores - n_threads) if dev.type == "cpu" else max(1, cores - 2)
+        why["workers"] = f"{cores} cores, {'the network uses ' + str(n_threads) if dev.type == 'cpu' else 'GPU'}"
+    elif not isinstance(postproc_workers, int) or postproc_workers < 0:
+        raise CerberusError(f"--postproc-workers must be 0 or more, got {postproc_workers!r}")
+    avail = available_bytes()
+    if memory_gb is None:
+        budget = avail // 2 if dev.type == "cuda" else min(int(CPU_BUDGET_GB * GB), avail // 2)
+        why["memory"] = f"of {avail / GB:.1f} GB available"
+    else:
+        if not memory_gb > 0:
+            raise CerberusError(f"--memory-gb must be > 0, got {memory_gb}")
+        budget = int(memory_gb * GB)
+    per_window = window_bytes(model.to(dev), window, precision, 1, channels_last)
+    if batch_size is None:
+        if dev.type == "cuda":
+            free = torch.cuda.mem_get_info(dev)[0]
+            batch_size = int(max(1, min(GPU_MAX_BATCH, 0.6 * free // max(per_window, 1))))
+            why["batch"] = f"{per_window / GB:.2f} GB a window, {free / GB:.0f} GB free on the GPU"
+        else:
+            batch_size = 1
+            why["batch"] = f"{per_window / GB:.2f} GB a window"
+    elif not isinstance(batch_size, int) or batch_size < 1:
+        raise CerberusError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    host_window = 0 if dev.type == "cuda" else per_window * batch_size
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Runtime(str(dev), precision, channels_last, batch_size, n_threads, postproc_workers, budget, host_window,
+                   weights, why)
+
+
+__all__ = ["GB", "PRECISIONS", "Runtime", "auto_precision", "autocast_dtype", "available_bytes", "cpu_cores", "cpu_has_native_bf16",
+           "plan_runtime", "resolve_device", "window_bytes"]
