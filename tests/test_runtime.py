@@ -108,7 +108,7 @@ def test_strip_slide_runs_fitted_windows(tiny, tmp_path):
     p.plan = lambda w, h, fit=None: shapes.append(plan(w, h, fit).window_shape) or plan(w, h, fit)
     res = predict_slide(p, tiny.config, tmp_path / "strip.png", tmp_path / "out", mpp=0.5, mask=tmp_path / "mask.png",
                         chunk_size=1024, progress=False)
-    assert len(shapes) == 3 and set(shapes) == {(16 + 128, 256)}  # three chunks along x, one along y
+    assert set(shapes) == {(16 + 128, 256)}  # windows fitted along y (one chunk), the grid along x (three)
     meta = json.loads(res.paths["metadata"].read_text())
     chunks = plan_chunks(3000, 16, 128, 1024, 512)
     assert meta["windows"]["run"] == sum(len(plan(c.region[2], 16, (False, True))) for c in chunks)
@@ -123,3 +123,20 @@ def test_cli_states_the_settings(tmp_path, tiny):
     assert proc.returncode == 0, proc.stderr
     line = next(s for s in proc.stderr.splitlines() if s.startswith("device "))
     assert "precision" in line and "layout channels_last" in line and "batch 1" in line
+
+
+def test_a_region_that_fits_runs_in_one_window_when_memory_allows():
+    """A 1000-px tile: one 1312-px window (1.72 Mpx of network input) instead of four 816-px ones (2.66 Mpx), when
+    the budget holds it; otherwise the geometry's windows."""
+    g = Geometry.default()
+    one = plan_tiles(1000, 1000, g, max_pixels=1312 * 1312)
+    assert len(one) == 1 and one.window_shape == (1312, 1312) and (coverage(one) == 1).all()
+    assert plan_tiles(1000, 1000, g, max_pixels=1312 * 1311).window_shape == (816, 816)
+    assert len(plan_tiles(1025, 1000, g, max_pixels=10**8)) == 2 * 2  # longer than the input side: the grid
+    assert plan_tiles(1000, 600, g, fit=(True, False), max_pixels=10**8).window_shape == (1024, 816)  # not fitted
+    budget = rt.Runtime("cpu", "bf16", True, 1, 2, 0, int(3 * rt.GB), 0, 100 * 2**20, pixel_bytes=800)
+    assert budget.max_window_pixels() >= 1328 * 1328
+    assert rt.Runtime("cpu", "fp32", True, 1, 2, 0, int(3 * rt.GB), 0, 100 * 2**20,
+                      pixel_bytes=1600).max_window_pixels() < 1328 * 1328
+    assert rt.Runtime("cuda", "bf16", True, 8, 2, 6, 0, 0, 0, pixel_bytes=800,
+                      device_bytes=8 * rt.GB).max_window_pixels() == 8 * rt.GB // 800

@@ -14,7 +14,6 @@ GPUs: each worker process uses one device. On a LocalCluster with ``--device cud
 from __future__ import annotations
 
 import glob
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -227,8 +226,15 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
     opts = WSIOptions(str(model_dir), str(output), mpp, batch_size, device, precision, tta, centroids_only,
                       chunk_size, margin_um, postproc_workers, input_shape, output_shape, threads,
                       progress and not (workers or scheduler), memory_gb)
-    if workers and not scheduler and threads is None:
-        opts = replace(opts, threads=max(1, (os.cpu_count() or 1) // workers))
+    if workers and not scheduler:  # the machine's cores shared between the local workers
+        from .runtime import cpu_cores, resolve_device
+
+        share = max(1, cpu_cores() // workers)
+        on_cpu = resolve_device(device).type == "cpu"
+        threads = threads or (share if on_cpu else 1)
+        if postproc_workers is None:
+            postproc_workers = max(0, share - threads) if on_cpu else max(1, share - 2)
+        opts = replace(opts, threads=threads, postproc_workers=postproc_workers)
     # fail early on a bad model or options, before any slide; state what was chosen
     predictor = _predictor(opts, "cpu" if workers or scheduler else device)[0]
     echo("settings are chosen by each Dask worker for its machine (see each slide's metadata)"

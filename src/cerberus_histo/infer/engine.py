@@ -107,7 +107,9 @@ class Predictor:
         return 0, 0, max(1, round(w * f)), max(1, round(h * f))
 
     def plan(self, width: int, height: int, fit: tuple[bool, bool] | None = None) -> TilePlan:
-        return plan_tiles(width, height, self.geometry, fit)
+        """The windows of a ``width x height`` region: the geometry's, or one larger window where the region fits
+        in it and the memory allows (:func:`~.tiling.plan_tiles`)."""
+        return plan_tiles(width, height, self.geometry, fit, self.runtime.max_window_pixels())
 
     # ---- the network on one batch --------------------------------------------------------------------
     def _forward(self, batch: torch.Tensor, inside: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

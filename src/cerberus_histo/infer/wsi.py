@@ -51,7 +51,7 @@ from ..errors import CerberusError
 from ..io.files import atomic_write_bytes
 from ..io.grid import GridReader
 from ..postproc import Instances, TaskResult, postprocess
-from .tiling import Geometry, Tile, plan_tiles
+from .tiling import Geometry, Tile, TilePlan, plan_tiles
 
 MASK_MPP, MASK_MAX_SIDE = 8.0, 2048  # computed tissue masks: 8 um/px, at most 2048 px per side
 DEFAULT_CHUNK = 4096  # model px, for a predictor without a runtime (and so without a memory budget)
@@ -120,10 +120,16 @@ def _dense_channels(config, heads: Sequence[str]) -> int:
     return out
 
 
-def read_box(chunk: Chunk, geometry: Geometry, fit: tuple[bool, bool] | None = None) -> tuple[int, int, int, int]:
-    """The slide box (model px) the engine reads for ``chunk``'s extended region."""
+def planner(predictor) -> Callable[..., TilePlan]:
+    """``plan(width, height, fit)`` of a predictor: its own (:meth:`~.engine.Predictor.plan`) or its geometry's."""
+    return getattr(predictor, "plan", None) or (lambda w, h, fit=None: plan_tiles(w, h, predictor.geometry, fit))
+
+
+def read_box(chunk: Chunk, plan: Callable[..., TilePlan], fit: tuple[bool, bool] | None = None
+             ) -> tuple[int, int, int, int]:
+    """The slide box (model px) the engine reads for ``chunk``'s extended region (``plan``: see :func:`planner`)."""
     x, y, w, h = chunk.region
-    rx0, ry0, rx1, ry1 = plan_tiles(w, h, geometry, fit).read_box
+    rx0, ry0, rx1, ry1 = plan(w, h, fit).read_box
     return x + rx0, y + ry0, x + rx1, y + ry1
 
 
@@ -422,7 +428,8 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
         con = store.connection
         done_before = {int(r[0]) for r in con.execute("SELECT idx FROM cerberus_chunks")}
         todo = [c for c in tissue_chunks if c.index not in done_before]
-        windows_total = sum(len(plan_tiles(c.region[2], c.region[3], geometry, fit)) for c in tissue_chunks)
+        plan = planner(predictor)
+        windows_total = sum(len(plan(c.region[2], c.region[3], fit)) for c in tissue_chunks)
         if postproc_workers > 0 and multiprocessing.current_process().daemon:
             postproc_workers = 0  # a daemonic process (e.g. a dask worker) cannot have children
         if postproc_workers > 0 and todo:
@@ -430,7 +437,7 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, *, s
 
             pool = ProcessPoolExecutor(postproc_workers, mp_context=multiprocessing.get_context("spawn"))
         echo(f"{stem}: {width} x {height} model px, {len(tissue_chunks)} of {len(chunks)} chunks of {chunk_px} px "
-             f"with tissue (margin {margin_px} px), windows {plan_tiles(*chunks[0].region[2:], geometry, fit).window_shape[::-1]}")
+             f"with tissue (margin {margin_px} px), windows {plan(*chunks[0].region[2:], fit).window_shape[::-1]}")
         windows_run = _run_chunks(predictor, config, grid, store, pool, postproc_workers, todo, len(tissue_chunks),
                                   stem, tmask, mask_mpp, (width, height), fit, timings, progress, on_commit)
         t_loop = time.perf_counter()
@@ -522,7 +529,7 @@ def _run_chunks(predictor, config, grid: GridReader, store, pool, workers: int, 
     windows run. At most ``workers`` chunks wait for post-processing while the next one is predicted."""
     from tqdm import tqdm
 
-    geometry = predictor.geometry
+    geometry, plan = predictor.geometry, planner(predictor)
     scale = predictor.mpp / grid.mpp
     pad = TISSUE_PAD_UM / grid.mpp
     bar = tqdm(total=total, initial=total - len(todo), unit="chunk", desc=stem, disable=not progress, leave=False,
@@ -547,13 +554,13 @@ def _run_chunks(predictor, config, grid: GridReader, store, pool, workers: int, 
 
     try:
         if todo:
-            grid.prefetch(read_box(todo[0], geometry, fit))
+            grid.prefetch(read_box(todo[0], plan, fit))
         for i, chunk in enumerate(todo):
             if i + 1 < len(todo):
-                grid.prefetch(read_box(todo[i + 1], geometry, fit))
+                grid.prefetch(read_box(todo[i + 1], plan, fit))
             keep = window_keeper(mask, mask_mpp, grid.mpp, scale, chunk.ext[:2], geometry.margin, pad)
             pred = predictor.predict_region(grid, chunk.region, keep=keep, fit=fit)
-            grid.release(read_box(chunk, geometry, fit))
+            grid.release(read_box(chunk, plan, fit))
             timings["infer"] += pred.timings.get("forward", 0.0) + pred.timings.get("stitch", 0.0)
             timings["forward"] += pred.timings.get("forward", 0.0)
             windows_run += pred.windows
