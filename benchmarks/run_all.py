@@ -86,6 +86,10 @@ BENCHES = (
     Bench("tissue_real", "the tissue head on real H&E: Kather 2016 tiles classified by a model trained on them, the "
           "CMU slide's tissue map against the automatic tissue mask",
           (), ("--steps", "40"), timeout=3600, data=ROOT.parent / "shared" / "data" / "real" / "kather2016"),
+    Bench("precision_accuracy", "bf16 against fp32 on the demo's trained model (held-out tiles and patches): PQ and "
+          "accuracies must move by <= 0.01 for bf16 to be a default",
+          ("--demo", str(ROOT / "demo-output")), ("--demo", str(ROOT / "demo-output")), timeout=1800,
+          data=ROOT / "demo-output" / "train" / "model"),
     Bench("torchvision_parity", "torchvision's ResNet weights load into our encoders and give identical features",
           (), (), gpu=((),), needs="torchvision", timeout=600),
 )

@@ -5,9 +5,9 @@ written, then predicted by ``predict_slide`` in a **fresh subprocess** (so its p
 per slide: wall time, tissue area (mm², from the tissue mask), seconds per mm² of tissue, objects, peak RSS of the
 slide process (``ru_maxrss``) and of its whole process tree (sampled with psutil every 0.1 s: the process plus its
 post-processing workers), per-stage times, the device utilisation (share of the wall time the forward pass ran)
-and **end-to-end time over forward-only time for the same windows**: in the same subprocess, before and after the
-slide, the predictor's network is timed on batches of random windows of the same shape, and the time for the number
-of windows the slide ran is extrapolated from the mean. On a shared machine both sides of the ratio see the load of
+and **end-to-end time over forward-only time for the same windows**: in the same subprocess, after the slide, the
+predictor's network is timed on batches of random windows of the shape the slide's windows had, and the time for the
+number of windows the slide ran is extrapolated. On a shared machine both sides of the ratio see the load of
 the moment; ``forward`` (the network's time inside the run) is printed too.
 
 Defaults fit a 2-core CPU in minutes: the tiny encoder (``head_channels`` 8, random weights with calibrated
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -69,12 +70,21 @@ def run_one(args) -> dict:
                                postproc_workers=args.postproc_workers)
     print(predictor.runtime.line(), file=sys.stderr, flush=True)
     g, batch = predictor.geometry, predictor.batch_size
-    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 3, g.input_shape, g.input_shape),
-                                                           dtype=np.uint8)).to(predictor.device)
-    crop = (g.margin, g.margin, g.margin + g.output_shape, g.margin + g.output_shape)
+    shapes: Counter = Counter()  # the window shapes the slide's plans use (fitted where one chunk covers an axis)
+    plan = predictor.plan
 
-    def seconds_per_window() -> float:
+    def counting_plan(width, height, fit=None):
+        p = plan(width, height, fit)
+        shapes[p.window_shape] += 1
+        return p
+
+    predictor.plan = counting_plan
+
+    def seconds_per_window(shape: tuple[int, int]) -> float:
         """The network alone (softmax and crops included, as in the pipeline) on batches of random windows."""
+        x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 3, *shape), dtype=np.uint8))
+        x = x.to(predictor.device)
+        crop = (g.margin, g.margin, shape[1] - g.margin, shape[0] - g.margin)
         predictor._probs(x, [crop] * batch)  # warm-up
         if predictor.device.type == "cuda":
             torch.cuda.synchronize()
@@ -85,7 +95,6 @@ def run_one(args) -> dict:
             torch.cuda.synchronize()
         return (time.perf_counter() - t) / (args.forward_batches * batch)
 
-    before = seconds_per_window()
     if predictor.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(predictor.device)
     t0 = time.perf_counter()
@@ -94,9 +103,9 @@ def run_one(args) -> dict:
     wall = time.perf_counter() - t0
     meta = json.loads(res.paths["metadata"].read_text())
     windows = int(meta["windows"]["run"])
-    # forward-only for the same number of windows: timed before and after the slide (the mean), extrapolated
-    per_window = (before + seconds_per_window()) / 2
-    forward_only = per_window * windows
+    # forward-only for the same number of windows of the slide's (most used) window shape, timed after the slide
+    shape = shapes.most_common(1)[0][0] if shapes else (g.input_shape, g.input_shape)
+    forward_only = seconds_per_window(shape) * windows
     return {"wall_s": wall, "objects": res.objects, "windows": windows, "forward_only_s": forward_only,
             "timings_s": meta["timings_s"], "tissue_mm2": res.summary["tissue_area_um2"] / 1e6,
             "chunks": meta["chunks"], "chunk_px": meta["chunk_size"], "dropped": meta["dropped_large_objects"],

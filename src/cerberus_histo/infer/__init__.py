@@ -1,6 +1,6 @@
-"""Inference: window geometry (:mod:`.tiling`), the engine (:mod:`.engine`, one path for tiles and slides),
-typed results (:mod:`.results`), tile inference (:mod:`.tiles`), whole slides (:mod:`.wsi`) and many slides
-(:mod:`.cohort`).
+"""Inference: window geometry (:mod:`.tiling`), settings chosen for the machine (:mod:`.runtime`), the engine
+(:mod:`.engine`, one path for tiles and slides), typed results (:mod:`.results`), tile inference (:mod:`.tiles`),
+whole slides (:mod:`.wsi`) and many slides (:mod:`.cohort`).
 
 Names are imported lazily, so importing this package (as post-processing workers do) does not import torch.
 """
@@ -8,7 +8,8 @@ Names are imported lazily, so importing this package (as post-processing workers
 from __future__ import annotations
 
 _EXPORTS = {
-    "Predictor": "engine", "PRECISIONS": "engine", "TTA_FLIPS": "engine", "resolve_device": "engine",
+    "Predictor": "engine", "TTA_FLIPS": "engine",
+    "PRECISIONS": "runtime", "Runtime": "runtime", "plan_runtime": "runtime", "resolve_device": "runtime",
     "RegionPrediction": "results", "TilePrediction": "results",
     "Geometry": "tiling", "TilePlan": "tiling", "plan_tiles": "tiling",
     "predict_tile": "tiles", "infer_tiles": "tiles", "TileRunSummary": "tiles",

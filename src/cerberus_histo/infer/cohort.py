@@ -130,8 +130,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _worker_device(device: str) -> str:
-    """``cuda`` on a LocalCluster worker named ``k`` with several GPUs: ``cuda:{k mod count}``."""
-    if device != "cuda":
+    """``cuda`` (or ``auto``) on a LocalCluster worker named ``k`` with several GPUs: ``cuda:{k mod count}``."""
+    if device not in ("cuda", "auto"):
         return device
     try:
         import torch

@@ -50,6 +50,8 @@ class Predictor:
         tta: average the probabilities of the 4 flips of each window (4x the network time).
         heads: heads to compute (default all).
         prob_dtype: dtype of the returned maps (``np.float16`` halves their memory).
+        runtime: settings chosen before (:func:`~.runtime.plan_runtime`); ``device``, ``precision`` and
+            ``batch_size`` are then taken from it.
 
     ``runtime`` holds what was chosen (:class:`~.runtime.Runtime`; its ``line()`` says it); the model is put in
     the channels_last layout where that is faster (CPU and CUDA).

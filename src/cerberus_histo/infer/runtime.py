@@ -37,6 +37,7 @@ GPU_MAX_BATCH = 16
 POSTPROC_BYTES_PER_PX = 56  # post-processing's working memory per model pixel of a chunk: 45 measured, + 25%
 READ_BYTES_PER_PX = 6  # the chunk's RGB block and the next one's, read ahead
 BASE_BYTES = 600 * 2**20  # a process with torch, the readers and post-processing imported (measured 350-450 MB)
+REGION_BYTES_PER_PX = 2 * 19 + READ_BYTES_PER_PX + POSTPROC_BYTES_PER_PX  # six heads: maps, blocks, post-processing
 MAX_CHUNK_WINDOWS = 8  # chunks of at most 8 x 8 windows: a finer pipeline, and post-processing's time per chunk
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -211,7 +212,7 @@ class Runtime:
         if self.device_bytes:
             return self.device_bytes // self.pixel_bytes
         left = self.memory_bytes - BASE_BYTES - self.weight_bytes
-        return max(0, left) // (self.pixel_bytes + 2 * 19 + READ_BYTES_PER_PX + POSTPROC_BYTES_PER_PX)
+        return max(0, left) // (self.pixel_bytes + REGION_BYTES_PER_PX)
 
     def line(self, chunks: bool = True) -> str:
         """The settings in one line, as a run's log starts (``chunks``: with the memory budget of slides)."""
@@ -250,7 +251,8 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
     cores = cpu_cores()
     if postproc_workers is None:
         postproc_workers = max(0, cores - n_threads) if dev.type == "cpu" else max(1, cores - 2)
-        why["workers"] = f"{cores} cores, {'the network uses ' + str(n_threads) if dev.type == 'cpu' else 'GPU'}"
+        why["workers"] = (f"{cores} cores, the network uses {n_threads}" if dev.type == "cpu" else
+                          f"{cores} cores, 2 kept for feeding the GPU and reading")
     elif not isinstance(postproc_workers, int) or postproc_workers < 0:
         raise CerberusError(f"--postproc-workers must be 0 or more, got {postproc_workers!r}")
     avail = available_bytes()
@@ -278,5 +280,5 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
                    weights, per_window // (window[0] * window[1]), int(0.6 * free), why)
 
 
-__all__ = ["GB", "PRECISIONS", "Runtime", "auto_precision", "autocast_dtype", "available_bytes", "cpu_cores", "cpu_has_native_bf16",
-           "plan_runtime", "resolve_device", "window_bytes"]
+__all__ = ["GB", "PRECISIONS", "Runtime", "auto_precision", "autocast_dtype", "available_bytes", "cpu_cores",
+           "cpu_has_native_bf16", "plan_runtime", "resolve_device", "window_bytes"]
