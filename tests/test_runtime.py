@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_clean_error, run_cli
 
 from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.infer import runtime as rt
@@ -140,3 +140,13 @@ def test_a_region_that_fits_runs_in_one_window_when_memory_allows():
                       pixel_bytes=1600).max_window_pixels() < 1328 * 1328
     assert rt.Runtime("cuda", "bf16", True, 8, 2, 6, 0, 0, 0, pixel_bytes=800,
                       device_bytes=8 * rt.GB).max_window_pixels() == 8 * rt.GB // 800
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, tiny):
+    tiny.save(tmp_path / "model")
+    cv2.imwrite(str(tmp_path / "t.png"), np.full((64, 64, 3), 230, np.uint8))
+    for option, value, word in (("--memory-gb", "0", "memory-gb"), ("--threads", "0", "threads"),
+                                ("--batch-size", "0", "batch-size")):
+        proc = run_cli("infer-wsi", "--model", tmp_path / "model", "--input", tmp_path / "t.png", "--mpp", "0.5",
+                       "--output", tmp_path / "out", "--device", "cpu", option, value)
+        assert_clean_error(proc, word)

@@ -355,8 +355,8 @@ def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, worke
               help="Chunk side in model pixels (rounded up to whole windows; default: the largest that fits "
                    "--memory-gb); memory grows with its square.")
 @click.option("--memory-gb", type=float, default=None,
-              help="Memory budget of a slide's process and its workers (default on a CPU: 3 GB or half the "
-                   "available memory; on a GPU machine half the available). More = larger chunks = faster.")
+              help="Memory budget of a slide's process and its workers (default on a CPU: 3 GB, or half the "
+                   "available memory if less; on a GPU machine half the available). More = larger chunks = faster.")
 @click.option("--margin-um", type=float, default=256.0, show_default=True,
               help="Context around each chunk (um); must exceed the largest gland's reach from its centre.")
 @click.option("--postproc-workers", type=int, default=None,
