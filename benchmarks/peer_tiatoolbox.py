@@ -100,19 +100,12 @@ print(json.dumps({"nuclei": arrays["centroid"][0], "patches": len(engine.dataloa
 def run_tree(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run ``cmd``; its wall seconds, the peak RSS (MB) of its process tree sampled every 0.1 s, its last stdout line.
     stdout and stderr go to ``log``; a failure exits with one line naming the log."""
-    import psutil
+    from wsi_scale import wait_peak_rss
 
     with open(log, "w") as f:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
-        root, peak = psutil.Process(proc.pid), 0
-        while proc.poll() is None:
-            try:
-                procs = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.1)
+        peak = wait_peak_rss(proc)
         wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"failed (exit {proc.returncode}): {' '.join(map(str, cmd[:3]))} ...; see {log}")
@@ -247,8 +240,8 @@ def main(argv=None) -> dict:
                  processing_mpp=meta["processing_mpp"], timings_s=meta["timings_s"], settings=meta.get("runtime"))
         res["ours"] = r
         print(f"cerberus infer-wsi (defaults, original preset random, torch {torch.__version__}, {r['threads']} "
-              f"threads; {r['processing_mpp']} um/px, window {r['window']['input']}/{r['window']['output']}, "
-              f"{r['windows']} windows): wall {r['wall_s']:.1f} s (in-slide {r['timings_s']['total']:.1f} s), peak RSS "
+              f"threads; {r['processing_mpp']} um/px, geometry {r['window']['input']}/{r['window']['output']}, "
+              f"{r['windows']} window(s) run, fitted to the crop): wall {r['wall_s']:.1f} s (in-slide {r['timings_s']['total']:.1f} s), peak RSS "
               f"{r['peak_rss_mb']:.0f} MB, objects {r['objects']} {counts}\n  its settings: {r['settings']}", flush=True)
 
     if "tia" in res and "ours" in res:

@@ -115,9 +115,23 @@ def run_one(args) -> dict:
             "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def wait_peak_rss(proc: subprocess.Popen) -> int:
+    """Wait for ``proc``; the peak RSS (bytes) of its process tree, sampled every 0.1 s."""
+    import psutil
+
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    return peak
+
+
 def measure(args, slide: Path, out: Path) -> dict:
     """Run one slide in a subprocess; sample the RSS of its process tree."""
-    import psutil
     from run_all import GPUSampler
 
     cmd = [sys.executable, __file__, "--one", str(slide), "--out", str(out), "--model", str(args.model)]
@@ -130,15 +144,7 @@ def measure(args, slide: Path, out: Path) -> dict:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     with GPUSampler() as gpu:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        root = psutil.Process(proc.pid)
-        peak = 0
-        while proc.poll() is None:
-            try:
-                procs = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.1)
+        peak = wait_peak_rss(proc)
     stdout = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"slide {slide} failed (exit {proc.returncode})")
