@@ -70,7 +70,7 @@ def test_chunk_side_from_the_budget():
     assert side % 720 == 0 and (side + 1440) ** 2 * per_px <= left < (side + 720 + 1440) ** 2 * per_px
     # a slide that fits whole is one chunk; a strip is bounded by its area, not its length
     assert r.chunk_for(2220, 2967, 720, 720, 19) >= 2967
-    assert r.chunk_for(12000, 16, 720, 720, 19) == 8 * 720
+    assert r.chunk_for(12000, 16, 720, 720, 19) == 17 * 720  # one chunk: no margins computed twice
     # more memory, larger chunks; workers each hold a chunk; never less than one window
     bigger = rt.Runtime("cpu", "bf16", True, 1, 2, 0, int(8 * rt.GB), r.batch_bytes, r.weight_bytes)
     assert bigger.chunk_for(60000, 60000, 720, 720, 19) > side

@@ -24,6 +24,7 @@ module's output is counted while it lives, on a small window, and scaled to the 
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ POSTPROC_BYTES_PER_PX = 56  # post-processing's working memory per model pixel o
 READ_BYTES_PER_PX = 6  # the chunk's RGB block and the next one's, read ahead
 BASE_BYTES = 600 * 2**20  # a process with torch, the readers and post-processing imported (measured 350-450 MB)
 REGION_BYTES_PER_PX = 2 * 19 + READ_BYTES_PER_PX + POSTPROC_BYTES_PER_PX  # six heads: maps, blocks, post-processing
-MAX_CHUNK_WINDOWS = 8  # chunks of at most 8 x 8 windows: a finer pipeline, and post-processing's time per chunk
+MAX_CHUNK_WINDOWS = 8  # extended regions of at most the area of 8 x 8 windows' chunk: a finer pipeline
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -188,19 +189,21 @@ class Runtime:
         return here + 2 * dense_channels + self.postproc_workers * (2 * dense_channels + POSTPROC_BYTES_PER_PX)
 
     def chunk_for(self, width: int, height: int, output: int, margin: int, dense_channels: int) -> int:
-        """The largest chunk side (a multiple of the window ``output``, at most 8 windows) whose extended region
-        (the chunk + ``margin`` on each side, clipped to the ``width x height`` slide) fits in the budget left
-        after the process itself (``BASE_BYTES`` + the weights) and the network's batch; at least one window.
-        Fixed figures, not the memory of the moment, so that a resumed run chunks the slide as before."""
+        """The largest chunk side (a multiple of the window ``output``) whose extended region (the chunk +
+        ``margin`` on each side, clipped to the ``width x height`` slide) fits in the budget left after the process
+        itself (``BASE_BYTES`` + the weights) and the network's batch, and is no larger than that of a chunk of
+        8 x 8 windows (a strip may be one long chunk); at least one window. Fixed figures, not the memory of the
+        moment, so that a resumed run chunks the slide as before."""
         left = self.memory_bytes - BASE_BYTES - self.weight_bytes - self.batch_bytes
         per_px = self.chunk_bytes_per_px(dense_channels)
+        cap = (MAX_CHUNK_WINDOWS * output + 2 * margin) ** 2
         best = 1
-        for k in range(1, MAX_CHUNK_WINDOWS + 1):
+        for k in range(1, math.ceil(max(width, height) / output) + 1):
             side = k * output + 2 * margin
-            if min(side, width) * min(side, height) * per_px <= left:
-                best = k
-            if k * output >= max(width, height):
+            area = min(side, width) * min(side, height)
+            if area > cap or area * per_px > left:
                 break
+            best = k
         return best * output
 
     def max_window_pixels(self) -> int:
