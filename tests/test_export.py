@@ -157,6 +157,22 @@ def test_tissue_regions_are_exact_cells_with_holes(records, class_map):
     assert prob["muscle"] == pytest.approx(0.7) and prob["stroma"] == pytest.approx(0.91)
 
 
+def test_tissue_cells_keep_their_size_and_stop_at_the_image_edge(class_map, config):
+    """An image whose sides are not multiples of the cell: its last cells reach past it. Given the cell size, the
+    regions keep 16-px cells and are cut at the image's edge (neither stretched over the image nor past it)."""
+    h, w = H - 5, W - 11  # the class map covers ceil(h / 16) x ceil(w / 16) cells
+    res = {"tissue": TaskResult(class_map=class_map, class_prob=np.full(class_map.shape, 0.8))}
+    tis = annotation_records(res, config, mpp=0.5, scale=2.0, offset=(100, 50), shape=(h, w), cell=CELL)["tissue"]
+    bounds = np.array([g.bounds for g in tis.geometry])
+    assert bounds[:, 0].min() >= 100 and bounds[:, 1].min() >= 50
+    assert bounds[:, 2].max() == 100 + 2 * w and bounds[:, 3].max() == 50 + 2 * h
+    muscle = tis.geometry[[tis.class_name(k) for k in range(len(tis))].index("muscle")]
+    assert muscle.equals(shapely.box(100 + 2 * 2 * CELL, 50 + 2 * 6 * CELL, 100 + 2 * 5 * CELL, 50 + 2 * 9 * CELL))
+    union = shapely.union_all(list(tis.geometry) + [shapely.box(100, 50, 100 + 2 * 3 * CELL, 50 + 2 * 3 * CELL)])
+    assert union.equals(shapely.box(100, 50, 100 + 2 * w, 50 + 2 * h))
+    assert np.allclose(tis.measurements["class_prob"], 0.8)
+
+
 def test_scale_and_offset_move_to_level0(results, records, config):
     moved = annotation_records(results, config, mpp=0.25, scale=2.0, offset=(1000, 2000))
     for task, rec in records.items():

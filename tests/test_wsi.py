@@ -353,6 +353,9 @@ def test_cli_real_slide_end_to_end(model_dir, tmp_path):
     assert on_tissue.mean() > 0.9
     features = json.loads(Path(f"{stem}.geojson").read_text())["features"]
     assert len(features) == n
+    # every geometry lies inside the slide: tissue regions end at its edge, not at their last cell's (128 px here)
+    bounds = np.array([shapely.geometry.shape(f["geometry"]).bounds for f in features])
+    assert bounds[:, :2].min() >= 0 and bounds[:, 2].max() <= w0 and bounds[:, 3].max() <= h0
     assert {f["geometry"]["type"] for f in features if f["properties"]["objectType"] == "detection"} == {"Point"}
     info = json.loads(Path(f"{stem}_metadata.json").read_text())
     assert info["mpp_source"] == "metadata" and "torch" in info["software"] and info["timings_s"]["infer"] > 0

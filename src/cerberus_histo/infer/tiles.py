@@ -181,7 +181,7 @@ def finish_tile(job: dict) -> dict:
     t1 = time.perf_counter()
     files = write_outputs(job["output"], job["stem"], results, job["config"], mpp=job["image_mpp"],
                           image=job["image"], scale=job["scale"], formats=job["formats"],
-                          centroids_only=job["centroids_only"],
+                          centroids_only=job["centroids_only"], cell=pred.cell,
                           metadata={**job["metadata"], "tissue_cell": pred.cell})
     t2 = time.perf_counter()
     timings = dict(job["timings"], **pred.timings, postprocess=t1 - t0, export=t2 - t1)

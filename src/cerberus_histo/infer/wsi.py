@@ -506,7 +506,8 @@ def _write_outputs(store, config, reader, paths: dict[str, Path], mask: np.ndarr
         tissue = {}
         if class_map is not None and any(t.name == "tissue" for t in config.tasks):
             tissue = annotation_records({"tissue": TaskResult(class_map=class_map)}, config, slide_mpp, scale,
-                                        (0.0, 0.0), (cshape[0] * cell, cshape[1] * cell))
+                                        (0.0, 0.0), (reader.dimensions[1] / scale, reader.dimensions[0] / scale),
+                                        cell)  # regions clipped to the slide's level-0 extent
         store.append(tissue, extra=extra)
     write_geojson_from_store(paths["geojson"], con, config, centroids_only)
     summary = summarize_store(con, config, class_map, cell * scale, slide_mpp, float(mask.sum()) * mask_mpp ** 2)

@@ -207,10 +207,14 @@ def _class_regions(mask: np.ndarray) -> object:
 
 
 def _tissue_records(task, res, shape: tuple[int, int] | None, mpp: float, scale: float,
-                    offset: np.ndarray) -> AnnotationRecords:
+                    offset: np.ndarray, cell: float | None = None) -> AnnotationRecords:
     cmap = np.asarray(res.class_map)
     h, w = cmap.shape
-    fy, fx = (1.0, 1.0) if shape is None else (shape[0] / h, shape[1] / w)  # map pixels per class cell
+    if cell is not None:  # cells of cell x cell map pixels, the last ones clipped to the map's extent
+        fy = fx = float(cell)
+        shape = shape or (h * cell, w * cell)
+    else:  # stretched over the map's extent
+        fy, fx = (1.0, 1.0) if shape is None else (shape[0] / h, shape[1] / w)
     cls, geoms, probs = [], [], []
     for c in range(1, len(task.class_names)):  # class 0 is background: not exported
         mask = cmap == c
@@ -226,6 +230,13 @@ def _tissue_records(task, res, shape: tuple[int, int] | None, mpp: float, scale:
             if res.class_prob is not None:
                 rp = shapely.get_coordinates(p.representative_point())[0]
                 probs.append(float(mean[comp[int(rp[1]), int(rp[0])] - 1]))
+    if shape is not None and geoms:  # every region inside the image (the last cells may reach past it)
+        kept = [(c, g, q) for c, p, q in zip(cls, geoms, probs or [None] * len(geoms), strict=True)
+                for g in shapely.get_parts(shapely.clip_by_rect(
+                    shapely.transform(p, lambda xy: xy * np.array([fx, fy])), 0, 0, shape[1], shape[0]))
+                if g.geom_type == "Polygon" and not g.is_empty]
+        cls, geoms, probs = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept if k[2] is not None]
+        fx = fy = 1.0
     n = len(geoms)
     geoms_arr = np.empty(n, object)
     geoms_arr[:] = geoms
@@ -244,8 +255,8 @@ def _tissue_records(task, res, shape: tuple[int, int] | None, mpp: float, scale:
 
 
 def annotation_records(results: Mapping, config, mpp: float, scale: float = 1.0,
-                       offset: Sequence[float] = (0.0, 0.0),
-                       shape: tuple[int, int] | None = None) -> dict[str, AnnotationRecords]:
+                       offset: Sequence[float] = (0.0, 0.0), shape: tuple[int, int] | None = None,
+                       cell: float | None = None) -> dict[str, AnnotationRecords]:
     """Annotation records of every task in ``results`` (``postprocess`` output), by task name.
 
     Args:
@@ -255,6 +266,9 @@ def annotation_records(results: Mapping, config, mpp: float, scale: float = 1.0,
         scale, offset: output coordinate = map pixel * ``scale`` + ``offset`` (x, y).
         shape: ``(H, W)`` of the instance maps in map pixels; taken from any ``inst_map`` in ``results`` when
             omitted (the tissue class map covers this extent at its own resolution).
+        cell: map pixels per tissue class cell (the encoder's stride, 16). Given, each cell is ``cell`` pixels
+            and the tissue regions are clipped to ``shape``, so none reaches past the image or slide; omitted,
+            the class map is stretched over ``shape``.
     """
     if not (isinstance(mpp, (int, float)) and mpp > 0 and np.isfinite(mpp)):
         raise CerberusError(f"mpp must be microns per pixel > 0 (e.g. 0.25), got {mpp!r}")
@@ -269,7 +283,7 @@ def annotation_records(results: Mapping, config, mpp: float, scale: float = 1.0,
         if res.instances is not None:
             out[name] = _instance_records(task, res.instances, mpp, float(scale), off)
         elif res.class_map is not None:
-            out[name] = _tissue_records(task, res, shape, mpp, float(scale), off)
+            out[name] = _tissue_records(task, res, shape, mpp, float(scale), off, cell)
     return out
 
 
@@ -411,7 +425,8 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
                   scale: float = 1.0, offset: Sequence[float] = (0.0, 0.0), formats: Iterable[str] = FORMATS,
                   centroids_only: bool = False, metadata: Mapping | None = None,
                   overlay_max_side: int | None = 4096,
-                  records: Mapping[str, AnnotationRecords] | None = None) -> dict[str, Path]:
+                  records: Mapping[str, AnnotationRecords] | None = None,
+                  cell: float | None = None) -> dict[str, Path]:
     """Write the results of one image or slide in ``formats``, each file atomically; returns format -> path.
 
     Files: ``{stem}.geojson`` (QuPath), ``{stem}.db`` (TIAToolbox SQLiteStore), ``{stem}.npz`` (label maps),
@@ -421,7 +436,8 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
     name, ...) beside ``mpp``, ``processing_mpp``, ``scale``, ``offset``, ``software`` and ``model``.
     ``records``: the :func:`annotation_records` of these results with the same ``mpp``, ``scale`` and
     ``offset``, when already built (for example to :func:`summarize` them too); built here otherwise.
-    Unknown formats and folders that cannot be written are one-line :class:`CerberusError` s.
+    Unknown formats and folders that cannot be written are one-line :class:`CerberusError` s. ``cell``: map pixels
+    per tissue class cell (see :func:`annotation_records`).
     """
     fmts = check_formats(formats)
     folder = Path(folder)
@@ -432,7 +448,7 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
     if not os.access(folder, os.W_OK | os.X_OK):
         raise _cannot_write(folder, PermissionError())
     if records is None:
-        records = annotation_records(results, config, mpp, scale, offset)
+        records = annotation_records(results, config, mpp, scale, offset, cell=cell)
 
     meta = {"mpp": float(mpp), "processing_mpp": float(mpp) * float(scale), "scale": float(scale),
             "offset": [float(v) for v in offset], "software": {"cerberus_histo": __version__},
