@@ -158,16 +158,6 @@ def make_crop(slide: Path, size: int, out: Path, mpp: float = 0.5) -> tuple[int,
     return int(x0), int(y0)
 
 
-def build_model(folder: Path) -> Path:
-    import torch
-    from model_speed import calibrated
-
-    from cerberus_histo import Cerberus, ModelConfig
-
-    torch.manual_seed(0)
-    return calibrated(Cerberus(ModelConfig.preset("original")), "cpu").save(folder)
-
-
 def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -222,6 +212,8 @@ def main(argv=None) -> dict:
               f"{r['peak_rss_mb']:.0f} MB, nuclei {r['nuclei']}", flush=True)
 
     if not args.skip_ours:
+        from wsi_scale import build_model
+
         model = build_model(work / "cerberus_model")
         out = work / "ours_out"
         if out.exists():

@@ -42,16 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def build_model(args, folder: Path) -> Path:
+def build_model(folder: Path, encoder: str = "resnet34", head_channels: int | None = None,
+                mpp: float = 0.5) -> Path:
+    """The original preset with random weights (seed 0, BatchNorm calibrated on random images), saved to ``folder``."""
     import torch
     from model_speed import calibrated
 
     from cerberus_histo import Cerberus, ModelConfig
 
     torch.manual_seed(0)
-    extra = {} if args.head_channels is None else {"head_channels": args.head_channels}
-    cfg = ModelConfig.preset("original", encoder=args.encoder, mpp=args.model_mpp, **extra)
-    return calibrated(Cerberus(cfg), "cpu").save(folder / "model")
+    extra = {} if head_channels is None else {"head_channels": head_channels}
+    cfg = ModelConfig.preset("original", encoder=encoder, mpp=mpp, **extra)
+    return calibrated(Cerberus(cfg), "cpu").save(folder)
 
 
 def run_one(args) -> dict:
@@ -199,7 +201,7 @@ def main(argv=None) -> list[dict]:
     work = args.work or Path(tempfile.mkdtemp(prefix="wsi_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     if args.model is None:
-        args.model = build_model(args, work)
+        args.model = build_model(work / "model", args.encoder, args.head_channels, args.model_mpp)
     rows = []
     print(f"machine: {where}; model {args.model} ({args.encoder}) at {args.model_mpp} um/px, window "
           f"{args.input_shape or 1024}/{args.output_shape or 'input - 304'}, chunk {args.chunk_size or 'auto'} px, "

@@ -129,22 +129,16 @@ def cpu_name() -> str:
 
 
 def choose_device(device: str) -> tuple[str, str]:
-    """``(device, inference precision)`` for ``device`` ``auto``/``cpu``/``cuda[:N]``/``mps``."""
+    """``(device, inference precision)`` for ``device`` ``auto``/``cpu``/``cuda[:N]``/``mps``: the runtime's
+    choice, except fp16 (not fp32) on CUDA cards without bf16, which the demo also trains with."""
     import torch
 
-    from .infer.runtime import cpu_has_native_bf16
+    from .infer.runtime import auto_precision, resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CerberusError(f"--device {device}: no CUDA GPU visible to torch {torch.__version__}; use --device cpu")
-        return device, "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "mps":
-        return device, "fp32"
-    if device != "cpu":
-        raise CerberusError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-    return device, "bf16" if cpu_has_native_bf16() else "fp32"
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return str(dev), "fp16"
+    return str(dev), auto_precision(dev)[0]
 
 
 def _idle_cores(interval: float = 0.5) -> float | None:

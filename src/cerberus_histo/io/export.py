@@ -225,23 +225,23 @@ def _tissue_records(task, res, shape: tuple[int, int] | None, mpp: float, scale:
             comp, _ = ndi.label(mask)  # 4-connected, as the union's parts
             mean = ndi.mean(np.asarray(res.class_prob, np.float64), comp, np.arange(1, comp.max() + 1))
         for p in parts:
-            cls.append(c)
-            geoms.append(p)
             if res.class_prob is not None:
                 rp = shapely.get_coordinates(p.representative_point())[0]
-                probs.append(float(mean[comp[int(rp[1]), int(rp[0])] - 1]))
-    if shape is not None and geoms:  # every region inside the image (the last cells may reach past it)
-        kept = [(c, g, q) for c, p, q in zip(cls, geoms, probs or [None] * len(geoms), strict=True)
-                for g in shapely.get_parts(shapely.clip_by_rect(
-                    shapely.transform(p, lambda xy: xy * np.array([fx, fy])), 0, 0, shape[1], shape[0]))
-                if g.geom_type == "Polygon" and not g.is_empty]
-        cls, geoms, probs = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept if k[2] is not None]
-        fx = fy = 1.0
+                prob = float(mean[comp[int(rp[1]), int(rp[0])] - 1])
+            p = shapely.transform(p, lambda xy: xy * np.array([fx, fy]))  # map pixels
+            if shape is not None and cell is not None:  # inside the image: the last cells may reach past it
+                p = shapely.clip_by_rect(p, 0, 0, shape[1], shape[0])
+            for g in shapely.get_parts(p):
+                if g.geom_type == "Polygon" and not g.is_empty:
+                    cls.append(c)
+                    geoms.append(g)
+                    if res.class_prob is not None:
+                        probs.append(prob)
     n = len(geoms)
     geoms_arr = np.empty(n, object)
     geoms_arr[:] = geoms
     if n:
-        geoms_arr = shapely.transform(geoms_arr, lambda xy: xy * np.array([fx, fy]) * scale + offset)
+        geoms_arr = shapely.transform(geoms_arr, lambda xy: xy * scale + offset)
     meas = {"area_um2": shapely.area(geoms_arr).astype(np.float64) * mpp * mpp if n else np.zeros(0)}
     if res.class_prob is not None:
         meas["class_prob"] = np.asarray(probs, np.float64)
