@@ -83,14 +83,14 @@ def resolve_device(device: str = "auto"):
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise CerberusError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise CerberusError(f"--device {device!r} is unknown; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CerberusError(f"device {device} requested but torch {torch.__version__} sees no CUDA GPU here; "
+        raise CerberusError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU here; "
                             "use --device cpu")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CerberusError("device mps requested but Apple MPS is not available here; use --device cpu")
+        raise CerberusError("--device mps: Apple MPS is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise CerberusError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise CerberusError(f"--device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 
@@ -244,7 +244,7 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
     if precision in (None, "auto"):
         precision, why["precision"] = auto_precision(dev)
     elif precision not in PRECISIONS:
-        raise CerberusError(f"precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
+        raise CerberusError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
     channels_last = dev.type in ("cpu", "cuda")
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
