@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_speed import machine  # noqa: E402
 
+from cerberus_histo import Cerberus  # noqa: E402
 from cerberus_histo.data.dataset import load_dataset  # noqa: E402
 from cerberus_histo.infer.tiles import classify_patch_set, infer_tiles  # noqa: E402
 from cerberus_histo.metrics.evaluate import evaluate  # noqa: E402
-from cerberus_histo.models.net import Cerberus  # noqa: E402
 
 TOLERANCE = 0.01
 PRECISIONS = ("fp32", "bf16")

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from cerberus_histo import Cerberus
 from cerberus_histo.data.synthetic import synth_patch, synth_tile
-from cerberus_histo.models.net import Cerberus
 
 HEAD = "tissue-class"
 SIZE = 448

@@ -48,9 +48,9 @@ def train_tissue(data: Path, run: Path, steps: int, work: Path, env: dict) -> Pa
 
 
 def kather(work: Path, steps: int, env: dict) -> dict:
+    from cerberus_histo import Cerberus
     from cerberus_histo.data.dataset import load_dataset
     from cerberus_histo.infer.tiles import classify_patch_set
-    from cerberus_histo.models.net import Cerberus
 
     data, pred_dir = work / "kather", work / "kather-pred"
     print(cerberus("import-dataset", "kather", KATHER, data, env=env).strip())
@@ -77,10 +77,10 @@ def kather(work: Path, steps: int, env: dict) -> dict:
 def cmu(work: Path, model_dir: Path | None, steps: int, env: dict) -> dict:
     import cv2
 
+    from cerberus_histo import Cerberus
     from cerberus_histo.data.synthetic import write_patches
     from cerberus_histo.io.slides import open_slide
     from cerberus_histo.io.tissue import tissue_mask
-    from cerberus_histo.models.net import Cerberus
 
     trained = model_dir is None
     if trained:

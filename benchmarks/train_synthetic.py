@@ -61,9 +61,9 @@ def score_held_out(work: Path, model_dir: Path, precision: str) -> dict:
     """Fresh tiles through ``infer_tiles`` + ``evaluate`` (what the demo reports) and fresh patches through the patch
     head."""
 
+    from cerberus_histo import Cerberus
     from cerberus_histo.infer.tiles import classify_patch_set, infer_tiles
     from cerberus_histo.metrics.evaluate import evaluate
-    from cerberus_histo.models.net import Cerberus
 
     test = write_tiles(work / "data" / "test", 8, 448, seed=200, num_splits=1, name="synth-test", progress=False)
     infer_tiles(model_dir, test.root / "images", work / "tiles", precision=precision, progress=False)

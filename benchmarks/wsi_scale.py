@@ -109,7 +109,7 @@ def run_one(args) -> dict:
     shape = shapes.most_common(1)[0][0] if shapes else (g.input_shape, g.input_shape)
     forward_only = seconds_per_window(shape) * windows
     return {"wall_s": wall, "objects": res.objects, "windows": windows, "forward_only_s": forward_only,
-            "timings_s": meta["timings_s"], "tissue_mm2": res.summary["tissue_area_um2"] / 1e6,
+            "timings_s": meta["timings_s"], "tissue_mm2": res.summary["analysed_area_um2"] / 1e6,
             "chunks": meta["chunks"], "chunk_px": meta["chunk_size"], "dropped": meta["dropped_large_objects"],
             "runtime": predictor.runtime.line(),
             "gpu_peak_gb": (torch.cuda.max_memory_allocated(predictor.device) / 2**30

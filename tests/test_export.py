@@ -17,17 +17,12 @@ from skimage.draw import disk, ellipse
 from cerberus_histo.config import ModelConfig
 from cerberus_histo.data.targets import instance_target, type_target
 from cerberus_histo.errors import CerberusError
-from cerberus_histo.io.export import (
-    FORMATS,
-    annotation_records,
-    contour_geometries,
-    render_overlay,
-    summarize,
-    write_outputs,
-    write_summary_csv,
-)
-from cerberus_histo.io.geojson import hovernet_dict, write_geojson
-from cerberus_histo.io.store import AnnotationStore, decode_geometry, write_store
+from cerberus_histo.outputs.geojson import hovernet_dict, write_geojson
+from cerberus_histo.outputs.overlay import render_overlay
+from cerberus_histo.outputs.records import annotation_records, clip_records, contour_geometries, mask_region
+from cerberus_histo.outputs.store import AnnotationStore, decode_geometry, write_store
+from cerberus_histo.outputs.summary import summarize, write_summary
+from cerberus_histo.outputs.writers import FORMATS, write_outputs
 from cerberus_histo.postproc import TaskResult, measure, postprocess
 
 H = W = 256
@@ -376,7 +371,7 @@ def test_hovernet_json(records):
 # ---- overlay, summary, everything at once ----------------------------------------------------------------
 def test_overlay_colours(records, results, config):
     img = np.full((H, W, 3), 200, np.uint8)
-    out = render_overlay(img, records, results, config)
+    out = render_overlay(img, records, config, class_map=results["tissue"].class_map, cell=CELL)
     assert out.shape == (H, W, 3) and out.dtype == np.uint8
     gland = records["gland"]
     k = gland.class_names.index("gland")
@@ -385,23 +380,55 @@ def test_overlay_colours(records, results, config):
     stroma = np.array(config.task("tissue").class_colors[STROMA])
     assert np.abs(out[100, 10].astype(int) - (0.65 * 200 + 0.35 * stroma)).max() <= 1  # tinted
     assert tuple(out[5, 5]) == (200, 200, 200)  # background class left clear
-    small = render_overlay(img, records, results, config, max_side=64)
+    small = render_overlay(img, records, config, class_map=results["tissue"].class_map, cell=CELL, max_side=64)
     assert small.shape == (64, 64, 3)
 
 
-def test_summary_counts(tmp_path, records):
-    s = summarize(records)
-    assert write_summary_csv(tmp_path / "s.csv", records) == s
+def test_summary_counts(tmp_path, records, results, config):
+    s = summarize(records, config, analysed_area_um2=H * W * 0.25, class_map=results["tissue"].class_map, cell=CELL)
+    write_summary(tmp_path / "s.json", tmp_path / "s.csv", s)
+    assert json.loads((tmp_path / "s.json").read_text()) == s
     assert s["lumen"] == {"lumen": {"count": 2, "area_um2": pytest.approx(records["lumen"].measurements["area_um2"]
                                                                            .sum()), "mean_area_um2": pytest.approx(
         records["lumen"].measurements["area_um2"].mean())}}
     assert s["nuclei"]["epithelial"]["count"] == 2 and s["nuclei"]["neutrophil"]["count"] == 1
     assert s["tissue"]["debris"]["count"] == 0 and "background" not in s["tissue"]
-    assert sum(v["count"] for v in s["nuclei"].values()) == len(records["nuclei"])
+    assert sum(v["count"] for v in s["nuclei"].values()) == len(records["nuclei"]) == s["counts"]["nuclei"]
+    fractions = [v["fraction"] for v in s["tissue"].values()]
+    assert sum(fractions) == pytest.approx(1.0)
+    # every nucleus is counted once under the tissue class of the cell under its centroid
+    cmap = results["tissue"].class_map
+    names = config.task("tissue").class_names
+    nuc = records["nuclei"]
+    want: dict = {}
+    for (x, y), k in zip(nuc.centroid, nuc.class_index, strict=True):
+        key = (names[cmap[int(y // CELL), int(x // CELL)]], nuc.class_names[k])
+        want[key] = want.get(key, 0) + 1
+    got = {(t, c): r["count"] for t, rows in s["nuclei_by_tissue"].items() for c, r in rows.items() if r["count"]}
+    assert got == want
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert list(rows[0]) == ["task", "class", "tissue_class", "count", "area_um2", "mean_area_um2"]
+    assert rows[0]["task"] == "analysed" and float(rows[0]["area_um2"]) == pytest.approx(H * W * 0.25)
+    by_tissue = [r for r in rows if r["task"] == "nuclei" and r["tissue_class"] != "all"]
+    assert sum(int(r["count"]) for r in by_tissue) == len(nuc)
+
+
+def test_clip_records_to_a_mask(records, config):
+    mask = np.zeros((H // 8, W // 8), bool)
+    mask[:, : W // 16] = True  # the left half, at 8 px per mask pixel
+    region = mask_region(mask, 8.0)
+    for task, rec in records.items():
+        clipped = clip_records(rec, region, 0.25)
+        assert shapely.contains(shapely.buffer(region, 1e-6), clipped.geometry).all(), task
+        if task != "tissue":  # instances are kept by their centroid
+            assert len(clipped) == int((rec.centroid[:, 0] < W / 2).sum())
+        cut = ~shapely.contains(region, rec.geometry)
+        if cut.any() and len(clipped):
+            assert (clipped.measurements["area_um2"] <= rec.measurements["area_um2"].max() + 1e-9).all()
 
 
 def test_write_outputs_all_formats(tmp_path, results, config):
-    img = np.full((H, W, 3), 180, np.uint8)
+    img = np.full((2 * H, 2 * W, 3), 180, np.uint8)  # scale 2: the image is twice the maps
     paths = write_outputs(tmp_path / "out", "tile", results, config, mpp=0.25, image=img, scale=2.0,
                           offset=(1000, 2000), metadata={"slide": "s1"})
     names = {k: p.name for k, p in paths.items()}
@@ -428,7 +455,8 @@ def test_write_outputs_all_formats(tmp_path, results, config):
     overlay = cv2.imread(str(paths["overlay"]))
     assert overlay is not None and overlay.shape == img.shape
     rows = list(csv.DictReader(paths["csv"].open()))
-    counts = {(r["task"], r["class"]): int(r["count"]) for r in rows}
+    counts = {(r["task"], r["class"]): int(r["count"]) for r in rows if r["tissue_class"] in ("", "all")
+              and r["task"] != "analysed"}
     assert sum(v for (t, _), v in counts.items() if t == "nuclei") == n_nuc
     assert counts[("lumen", "lumen")] == 2 and counts[("gland", "gland")] == 1
     only = write_outputs(tmp_path / "b", "t", results, config, mpp=0.5, formats=("csv", "overlay"))
@@ -452,7 +480,7 @@ def test_write_outputs_errors(tmp_path, results, config, monkeypatch):
     assert str(err.value) == f"cannot write to {tmp_path / 'ro'}: permission denied; choose another --output"
     assert "\n" not in str(err.value)
     monkeypatch.undo()
-    monkeypatch.setattr("cerberus_histo.io.export.os.access", lambda *a: False)  # an existing read-only folder
+    monkeypatch.setattr("cerberus_histo.outputs.writers.os.access", lambda *a: False)  # an existing read-only folder
     with pytest.raises(CerberusError, match="permission denied; choose another --output"):
         write_outputs(tmp_path, "t", results, config, mpp=0.5, formats=("sqlite",))
     monkeypatch.undo()

@@ -25,14 +25,15 @@ from scipy.spatial import cKDTree
 
 from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.slide import SlideTruth, write_synthetic_slide
+from cerberus_histo.infer.chunks import TISSUE_PAD_UM, mask_cells, plan_chunks, window_keeper
 from cerberus_histo.infer.results import RegionPrediction
 from cerberus_histo.infer.tiling import Geometry, plan_tiles
-from cerberus_histo.infer.wsi import TISSUE_PAD_UM, WSIResult, _mask_cells, plan_chunks, predict_slide, window_keeper
-from cerberus_histo.io.export import annotation_records
+from cerberus_histo.infer.wsi import WSIResult, predict_slide
 from cerberus_histo.io.grid import GridReader
 from cerberus_histo.io.slides import open_slide
-from cerberus_histo.io.store import AnnotationStore
 from cerberus_histo.io.tissue import tissue_mask
+from cerberus_histo.outputs.records import annotation_records
+from cerberus_histo.outputs.store import AnnotationStore
 from cerberus_histo.postproc import postprocess
 
 CMU = REPO.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
@@ -135,7 +136,7 @@ def one_pass(predictor, slide: Path):
     inst = sorted((t, shapely.to_wkb(g, hex=True), r.class_name(k)) for t, r in rec.items()
                   for k, g in enumerate(r.geometry))
     cmap = np.argmax(pred.probs["tissue-class"], axis=0).astype(np.uint8)
-    cmap[~_mask_cells(mask, mask_mpp, cmap.shape, 16 * scale, reader.mpp)] = 0
+    cmap[~mask_cells(mask, mask_mpp, cmap.shape, 16 * scale, reader.mpp)] = 0
     return inst, cmap
 
 
@@ -244,7 +245,8 @@ def test_only_tissue_windows_are_inferred_and_outputs_are_complete(synth, oracle
     all_windows = len(plan_tiles(2100, 1600, oracle.geometry))
     assert len({k[:2] for k in oracle.kept}) < 0.8 * all_windows  # white glass is skipped
     assert meta["windows"]["run"] < meta["windows"]["in_tissue_chunks"]
-    for key in ("store", "geojson", "summary_json", "summary_csv", "thumbnail", "mask", "tissue", "metadata", "marker"):
+    for key in ("store", "geojson", "hovernet", "summary_json", "summary_csv", "thumbnail", "mask", "tissue",
+                "metadata", "marker"):
         assert res.paths[key].is_file(), key
     assert {"read", "infer", "postprocess", "write", "outputs", "total", "device_utilisation"} <= set(meta["timings_s"])
     assert meta["processing_mpp"] == 0.5 and meta["mpp"] == pytest.approx(0.5) and "numpy" in meta["software"]
@@ -256,12 +258,16 @@ def test_only_tissue_windows_are_inferred_and_outputs_are_complete(synth, oracle
     nuclei = [f for f in features if f["properties"]["objectType"] == "detection"]
     assert len(nuclei) == res.counts["nuclei"] and nuclei[0]["geometry"]["type"] in ("Polygon", "MultiPolygon")
     summary = json.loads(res.paths["summary_json"].read_text())
-    by_tissue = summary["nuclei"]["by_tissue"]
-    assert sum(sum(r.values()) for r in by_tissue.values()) == res.counts["nuclei"]
+    by_tissue = summary["nuclei_by_tissue"]
+    assert sum(r["count"] for rows in by_tissue.values() for r in rows.values()) == res.counts["nuclei"]
+    assert summary["counts"] == res.counts and summary["analysed_area_um2"] > 0
     assert summary["gland"]["gland"]["count"] + summary["gland"].get("surface-epi", {"count": 0})["count"] \
         == res.counts["gland"]
     csv_rows = res.paths["summary_csv"].read_text().splitlines()
-    assert csv_rows[0] == "task,class,tissue_class,count,area_um2" and any(r.startswith("lumen,lumen") for r in csv_rows)
+    assert csv_rows[0] == "task,class,tissue_class,count,area_um2,mean_area_um2"
+    assert any(r.startswith("lumen,lumen,all,") for r in csv_rows)
+    hovernet = json.loads(res.paths["hovernet"].read_text())
+    assert sum(len(v) for k, v in hovernet.items() if k != "mag") == res.objects
 
 
 def test_interrupted_run_resumes_to_the_same_store(synth, oracle_run, tmp_path):

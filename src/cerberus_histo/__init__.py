@@ -6,14 +6,14 @@ package itself does not import torch, so post-processing and metrics stay light.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["Cerberus", "ModelConfig", "TaskSpec", "HeadSpec", "CerberusError", "__version__"]
 
 
 def __getattr__(name: str):
     if name == "Cerberus":
-        from .models.net import Cerberus
+        from .api import Cerberus
 
         return Cerberus
     if name == "ModelConfig":

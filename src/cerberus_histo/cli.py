@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .data.formats import FORMATS
 from .errors import CerberusError
 
@@ -62,12 +62,12 @@ def import_original_cmd(src: Path, dst: Path, force: bool):
 
     The converted model gives the same logits as the original network on the same input.
     """
-    from .models.checkpoint import CONFIG_FILE, import_original
+    from .models.checkpoint import CONFIG_FILE, import_original, save_model
 
     if (dst / CONFIG_FILE).exists() and not force:
         raise CerberusError(f"{dst} already holds a model; pass --force to replace it or choose another folder")
     model = import_original(src)
-    model.save(dst)
+    save_model(model, dst)
     click.echo(_describe(model))
     click.echo(f"saved        {dst}")
 
@@ -76,9 +76,9 @@ def import_original_cmd(src: Path, dst: Path, force: bool):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 def info_cmd(model_dir: Path):
     """Describe a model folder (a Cerberus model or an original release): encoder, tasks, heads, classes."""
-    from .models.net import Cerberus
+    from .models.checkpoint import load_model
 
-    click.echo(_describe(Cerberus.load(model_dir)))
+    click.echo(_describe(load_model(model_dir)))
 
 
 @main.command("import-dataset")
@@ -286,48 +286,75 @@ def demo_cmd(out_dir: Path, quick: bool, device: str, fresh: bool, seed: int):
     run_demo(out_dir, quick=quick, seed=seed, device=device, fresh=fresh)
 
 
-def _runtime_options(f):
-    """--device, --precision, --batch-size and --threads of the inference commands, defined once (see
-    docs/inference.md, "Defaults chosen for the machine")."""
-    f = click.option("--threads", type=int, default=None,
-                     help="torch threads (default: torch's own, one per core).")(f)
-    f = click.option("--batch-size", type=int, default=None,
-                     help="Network windows per forward pass (default: 1 on a CPU; on a GPU what fits its memory).")(f)
-    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+_RUN_HELP = {
+    "tile": {"input": "An image (PNG, JPEG, TIFF, BMP) or a folder of images.",
+             "mpp": "Resolution of the images (um/px); they are resampled to the model's. Default: the model's.",
+             "input_shape": "Network window side, used as given (default: 1024, shrunk for small images; "
+                            "original: 448).",
+             "output_shape": "Central part of each window kept (default: input shape - 304; original: 144)."},
+    "wsi": {"input": "A slide, a folder of slides or a quoted glob pattern ('slides/*.svs'); repeat for more.",
+            "mpp": "Level-0 resolution (um/px) when the slides' metadata lacks it.",
+            "input_shape": "Network window side (default 1024).",
+            "output_shape": "Central part of each window kept (default: input shape - 304; a multiple of 16)."},
+}
+
+
+def _run_options(kind: str):
+    """The options both inference commands share, defined once: --model, --input, --output, --mpp, --device,
+    --precision, --batch-size, --threads, --tta, --centroids-only, --input-shape, --output-shape (see
+    docs/inference.md, "Defaults chosen for the machine"). ``kind``: ``tile`` or ``wsi`` (help texts; ``wsi``
+    takes --input several times)."""
+    text = _RUN_HELP[kind]
+    options = [
+        click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model folder."),
+        click.option("--input", "inputs", multiple=True, required=True, help=text["input"]) if kind == "wsi" else
+        click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help=text["input"]),
+        click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the results."),
+        click.option("--mpp", type=float, default=None, help=text["mpp"]),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="Autocast precision: auto = bf16 where the hardware has it natively "
-                     "(CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32.")(f)
-    return click.option("--device", default="auto", show_default=True,
-                        help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps.")(f)
+                     "(CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Network windows per forward pass (default: 1 on a CPU; on a GPU what fits its memory)."),
+        click.option("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)."),
+        click.option("--tta", is_flag=True, help="Average the 4 flips of every window (4x the network time)."),
+        click.option("--centroids-only", is_flag=True, help="GeoJSON nuclei as points (lighter in QuPath)."),
+        click.option("--input-shape", type=int, default=None, help=text["input_shape"]),
+        click.option("--output-shape", type=int, default=None, help=text["output_shape"]),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _run_settings(params: dict, **more):
+    """A :class:`~cerberus_histo.infer.options.RunOptions` from the shared options in ``params`` and ``more``."""
+    from .infer.options import RunOptions
+
+    shared = ("mpp", "device", "precision", "batch_size", "threads", "tta", "centroids_only", "input_shape",
+              "output_shape")
+    return RunOptions(**{k: params[k] for k in shared}, **more)
 
 
 @main.command("infer-tile")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model folder.")
-@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
-              help="An image (PNG, JPEG, TIFF, BMP) or a folder of images.")
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
-@click.option("--mpp", type=float, default=None,
-              help="Resolution of the images (um/px); they are resampled to the model's. Default: the model's.")
-@_runtime_options
+@_run_options("tile")
 @click.option("--workers", type=int, default=None,
               help="Post-processing processes, overlapped with inference (0: in this process; default: the cores "
                    "the network leaves free).")
-@click.option("--tta", is_flag=True, help="Average the 4 flips of every window (4x the network time).")
 @click.option("--formats", default="geojson,sqlite,npz,hovernet,overlay,csv", show_default=True,
               help="Comma-separated output formats.")
-@click.option("--centroids-only", is_flag=True, help="GeoJSON nuclei as points (lighter in QuPath).")
-@click.option("--input-shape", type=int, default=None,
-              help="Network window side, used as given (default: 1024, shrunk for small images; original: 448).")
-@click.option("--output-shape", type=int, default=None,
-              help="Central part of each window kept (default: input shape - 304; original: 144).")
-def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, workers, precision, threads, tta,
-                   formats, centroids_only, input_shape, output_shape):
+def infer_tile_cmd(model_dir, input_path, output, workers, formats, **params):
     """Segment and classify glands, lumina, nuclei and tissue in image tiles; re-runs skip finished images."""
     from .infer.tiles import infer_tiles
 
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
-    s = infer_tiles(model_dir, input_path, output, mpp=mpp, batch_size=batch_size, device=device, workers=workers,
-                    precision=precision, threads=threads, tta=tta, formats=fmts, input_shape=input_shape,
-                    output_shape=output_shape, centroids_only=centroids_only)
+    s = infer_tiles(model_dir, input_path, output, _run_settings(params, postproc_workers=workers, formats=fmts))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items())
     click.echo(f"{len(s.done)} images done, {len(s.skipped)} already done, {len(s.failed)} failed; results in "
                f"{s.output}" + (f"\ntime per stage: {stages}" if stages else ""))
@@ -338,19 +365,13 @@ def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, worke
 
 
 @main.command("infer-wsi")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model folder.")
-@click.option("--input", "inputs", multiple=True, required=True,
-              help="A slide, a folder of slides or a quoted glob pattern ('slides/*.svs'); repeat for more.")
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
-@click.option("--mpp", type=float, default=None, help="Level-0 resolution (um/px) when the slides' metadata lacks it.")
+@_run_options("wsi")
 @click.option("--mask", type=click.Path(path_type=Path), default=None,
-              help="Tissue mask image (one slide) or folder of masks named {slide stem}.png; default: computed.")
-@_runtime_options
-@click.option("--tta", is_flag=True, help="Average the 4 flips of every window (4x the network time).")
+              help="Tissue mask image (one slide) or folder of masks named {slide stem}.png; default: computed. "
+                   "Every result is clipped to a given mask.")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Start a local Dask cluster of N worker processes, one slide each (0: slides run here).")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler (tcp://host:8786).")
-@click.option("--centroids-only", is_flag=True, help="GeoJSON nuclei as points (lighter in QuPath).")
 @click.option("--chunk-size", type=int, default=None,
               help="Chunk side in model pixels (rounded up to whole windows; default: the largest that fits "
                    "--memory-gb); memory grows with its square.")
@@ -362,20 +383,15 @@ def infer_tile_cmd(model_dir, input_path, output, mpp, batch_size, device, worke
 @click.option("--postproc-workers", type=int, default=None,
               help="Post-processing processes per slide, overlapped with inference (0: in the same process; "
                    "default: the cores the network leaves free).")
-@click.option("--input-shape", type=int, default=None, help="Network window side (default 1024).")
-@click.option("--output-shape", type=int, default=None,
-              help="Central part of each window kept (default: input shape - 304; a multiple of 16).")
-def infer_wsi_cmd(model_dir, inputs, output, mpp, mask, batch_size, device, precision, threads, tta, workers,
-                  scheduler, centroids_only, chunk_size, memory_gb, margin_um, postproc_workers, input_shape,
-                  output_shape):
+def infer_wsi_cmd(model_dir, inputs, output, mask, workers, scheduler, chunk_size, memory_gb, margin_um,
+                  postproc_workers, **params):
     """Segment and classify glands, lumina, nuclei and tissue in whole slides, chunk by chunk; re-runs resume
     unfinished slides and skip finished ones (see docs/wsi.md)."""
     from .infer.cohort import infer_wsi
 
-    s = infer_wsi(model_dir, inputs, output, mpp=mpp, mask=mask, batch_size=batch_size, device=device,
-                  precision=precision, tta=tta, workers=workers, scheduler=scheduler, centroids_only=centroids_only,
-                  chunk_size=chunk_size, margin_um=margin_um, postproc_workers=postproc_workers,
-                  input_shape=input_shape, output_shape=output_shape, threads=threads, memory_gb=memory_gb)
+    opts = _run_settings(params, chunk_size=chunk_size, memory_gb=memory_gb, margin_um=margin_um,
+                         postproc_workers=postproc_workers)
+    s = infer_wsi(model_dir, inputs, output, opts, mask=mask, workers=workers, scheduler=scheduler)
     click.echo(s.table())
     done = sum(r.status == "done" for r in s.rows)
     skipped = sum(r.status == "skipped" for r in s.rows)

@@ -17,10 +17,12 @@ import glob
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CerberusError
+from .options import RunOptions
+from .pool import check_output, echo, one_line, output_stems, read_marker
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".png",
                   ".jpg", ".jpeg", ".bmp")
@@ -28,25 +30,12 @@ _PREDICTORS: dict = {}  # per process: (model_dir, device, options) -> (predicto
 
 
 @dataclass(frozen=True)
-class WSIOptions:
-    """Settings of a cohort run, shipped to every worker (see :func:`infer_wsi` for their meaning)."""
+class CohortRun:
+    """What every worker of a cohort run needs: the model folder, the output folder and the run's options."""
 
     model_dir: str
     output: str
-    mpp: float | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    tta: bool = False
-    centroids_only: bool = False
-    chunk_size: int | None = None
-    margin_um: float = 256.0
-    postproc_workers: int | None = None
-    input_shape: int | None = None
-    output_shape: int | None = None
-    threads: int | None = None
-    progress: bool = True
-    memory_gb: float | None = None
+    options: RunOptions
 
 
 @dataclass
@@ -123,12 +112,6 @@ def mask_for(mask: str | Path | None, slide: Path, stem: str) -> Path | None:
     raise CerberusError(f"no mask for {slide.name} in {mask} (looked for {', '.join(names)})")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return first if isinstance(exc, CerberusError) else f"{type(exc).__name__}: {first}".rstrip(": ")
-
-
 def _worker_device(device: str) -> str:
     """``cuda`` (or ``auto``) on a LocalCluster worker named ``k`` with several GPUs: ``cuda:{k mod count}``."""
     if device not in ("cuda", "auto"):
@@ -143,24 +126,24 @@ def _worker_device(device: str) -> str:
     return f"cuda:{int(name) % count}" if isinstance(name, int) and count > 1 else device
 
 
-def _predictor(opts: WSIOptions, device: str):
-    key = (opts.model_dir, device, opts.input_shape, opts.output_shape, opts.batch_size, opts.precision, opts.tta,
-           opts.threads, opts.postproc_workers, opts.memory_gb)
+def _predictor(run: CohortRun, device: str):
+    """This process's predictor of ``run`` on ``device`` (one model per process, built once)."""
+    o = run.options
+    key = (run.model_dir, device, o.input_shape, o.output_shape, o.batch_size, o.precision, o.tta, o.threads,
+           o.postproc_workers, o.memory_gb)
     if key not in _PREDICTORS:
-        from ..models.net import Cerberus
+        from ..models.checkpoint import load_model
         from .wsi import make_predictor, weights_id
 
         _PREDICTORS.clear()  # one model per process
-        model = Cerberus.load(opts.model_dir)
-        predictor = make_predictor(model, input_shape=opts.input_shape, output_shape=opts.output_shape,
-                                   batch_size=opts.batch_size, device=device, precision=opts.precision, tta=opts.tta,
-                                   threads=opts.threads, postproc_workers=opts.postproc_workers,
-                                   memory_gb=opts.memory_gb)
+        model = load_model(run.model_dir)
+        predictor = make_predictor(model, input_shape=o.input_shape, output_shape=o.output_shape, tta=o.tta,
+                                   **(o.runtime_settings() | {"device": device}))
         _PREDICTORS[key] = (predictor, model.config, weights_id(model))
     return _PREDICTORS[key]
 
 
-def run_slide(path: str | Path, stem: str, mask: str | Path | None, opts: WSIOptions,
+def run_slide(path: str | Path, stem: str, mask: str | Path | None, run: CohortRun,
               echo: Callable[[str], None] | None = None) -> SlideStatus:
     """Predict one slide (what a worker runs); any failure becomes a ``failed`` status with a one-line reason."""
     from .wsi import predict_slide
@@ -168,34 +151,23 @@ def run_slide(path: str | Path, stem: str, mask: str | Path | None, opts: WSIOpt
     t0 = time.perf_counter()
     path = Path(path)
     try:
-        predictor, config, model_id = _predictor(opts, _worker_device(opts.device))
+        predictor, config, model_id = _predictor(run, _worker_device(run.options.device))
         kwargs = {} if echo is None else {"echo": echo}
-        res = predict_slide(predictor, config, path, opts.output, stem=stem, mpp=opts.mpp,
-                            mask=lambda: mask_for(mask, path, stem), chunk_size=opts.chunk_size,
-                            margin_um=opts.margin_um,
-                            centroids_only=opts.centroids_only, model_id=model_id, progress=opts.progress,
-                            metadata={"model_dir": str(opts.model_dir), "device": str(predictor.device),
+        res = predict_slide(predictor, config, path, run.output, run.options, stem=stem,
+                            mask=lambda: mask_for(mask, path, stem), model_id=model_id,
+                            metadata={"model_dir": str(run.model_dir), "device": str(predictor.device),
                                       "runtime": predictor.runtime.line()}, **kwargs)
     except Exception as exc:  # one slide's failure must not stop the others
-        return SlideStatus(path.name, "failed", 0, time.perf_counter() - t0, _one_line(exc))
+        return SlideStatus(path.name, "failed", 0, time.perf_counter() - t0, one_line(exc))
     return SlideStatus(path.name, "skipped" if res.skipped else "done", res.objects, time.perf_counter() - t0)
 
 
-def _echo(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, output: str | Path, *,
-              mpp: float | None = None, mask: str | Path | None = None, batch_size: int | None = None,
-              device: str = "auto", precision: str = "auto", tta: bool = False, workers: int = 0,
-              scheduler: str | None = None, centroids_only: bool = False, chunk_size: int | None = None,
-              margin_um: float = 256.0, postproc_workers: int | None = None, input_shape: int | None = None,
-              output_shape: int | None = None, threads: int | None = None, memory_gb: float | None = None,
-              progress: bool = True, echo: Callable[[str], None] = _echo) -> CohortSummary:
+def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, output: str | Path,
+              options: RunOptions | None = None, *, mask: str | Path | None = None, workers: int = 0,
+              scheduler: str | None = None, echo: Callable[[str], None] = echo, **settings) -> CohortSummary:
     """Predict every slide of ``inputs`` with the model in ``model_dir`` into ``output``.
 
+    ``options`` (or its fields as keyword ``settings``) set each slide's run (:class:`~.options.RunOptions`).
     ``workers`` > 0 starts a Dask LocalCluster of that many processes (one slide per worker at a time);
     ``scheduler`` (``tcp://host:8786``) uses a running cluster, whose workers must see the same paths. Without
     either, slides run here one after another. ``mask`` is a mask image (one slide) or a folder of masks named
@@ -203,53 +175,46 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
     one-line :class:`CerberusError` before any slide; per-slide problems are rows of the summary. Settings
     left ``None``/``auto`` are chosen for the machine (:mod:`.runtime`) and stated in the first line of the log.
     """
-    from ..io.readers import check_mpp
-    from .tiles import check_output, output_stems
-
-    if mpp is not None:
-        mpp = check_mpp(mpp, "--mpp")
+    opts = options if options is not None else RunOptions.from_settings(**settings)
+    if options is not None and settings:
+        raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
     if not isinstance(workers, int) or workers < 0:
         raise CerberusError(f"--workers must be 0 (this process) or a number of Dask worker processes, got {workers!r}")
     if workers and scheduler:
         raise CerberusError("pass --workers (start a local Dask cluster) or --scheduler (use a running one), not both")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 64):
-        raise CerberusError(f"--chunk-size must be at least 64 model pixels (e.g. 4096), got {chunk_size!r}")
-    if not margin_um > 0:
-        raise CerberusError(f"--margin-um must be > 0 (context around each chunk, e.g. 256), got {margin_um}")
-    if postproc_workers is not None and (not isinstance(postproc_workers, int) or postproc_workers < 0):
-        raise CerberusError(f"--postproc-workers must be 0 or more, got {postproc_workers!r}")
     slides = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
     if mask is not None and not Path(mask).is_dir() and len(slides) > 1:
         raise CerberusError(f"--mask {mask} is one file but there are {len(slides)} slides; pass a folder of masks "
                             "named after the slides ({stem}.png)")
     output = check_output(Path(output))
-    opts = WSIOptions(str(model_dir), str(output), mpp, batch_size, device, precision, tta, centroids_only,
-                      chunk_size, margin_um, postproc_workers, input_shape, output_shape, threads,
-                      progress and not (workers or scheduler), memory_gb)
+    progress = opts.progress  # the cohort's bar; a Dask worker's slide shows none
+    opts = opts.replace(progress=progress and not (workers or scheduler))
     if workers and not scheduler:  # the machine's cores shared between the local workers
         from .runtime import cpu_cores, resolve_device
 
         share = max(1, cpu_cores() // workers)
-        on_cpu = resolve_device(device).type == "cpu"
-        threads = threads or (share if on_cpu else 1)
-        if postproc_workers is None:
-            postproc_workers = max(0, share - threads) if on_cpu else max(1, share - 2)
-        opts = replace(opts, threads=threads, postproc_workers=postproc_workers)
+        on_cpu = resolve_device(opts.device).type == "cpu"
+        threads = opts.threads or (share if on_cpu else 1)
+        postproc = opts.postproc_workers
+        if postproc is None:
+            postproc = max(0, share - threads) if on_cpu else max(1, share - 2)
+        opts = opts.replace(threads=threads, postproc_workers=postproc)
+    run = CohortRun(str(model_dir), str(output), opts)
     # fail early on a bad model or options, before any slide; state what was chosen
-    predictor = _predictor(opts, "cpu" if workers or scheduler else device)[0]
+    predictor = _predictor(run, "cpu" if workers or scheduler else opts.device)[0]
     echo("settings are chosen by each Dask worker for its machine (see each slide's metadata)"
          if workers or scheduler else predictor.runtime.line())
     stems = output_stems(slides)
     from tqdm import tqdm
 
-    from .wsi import output_paths
-
     summary = CohortSummary(output)
     rows: dict[Path, SlideStatus] = {}
     todo = []
     for p in slides:
-        if output_paths(output, stems[p])["marker"].is_file():
-            rows[p] = SlideStatus(p.name, "skipped", _marker_objects(output_paths(output, stems[p])["marker"]))
+        done = read_marker(output, stems[p])
+        if done is not None:
+            counts = done.get("counts") if isinstance(done.get("counts"), dict) else {}
+            rows[p] = SlideStatus(p.name, "skipped", int(sum(v for k, v in counts.items() if k != "tissue")))
         else:
             todo.append(p)
     bar = tqdm(total=len(slides), initial=len(slides) - len(todo), unit="slide", desc="infer-wsi",
@@ -263,27 +228,17 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
 
     try:
         if todo and (workers or scheduler):
-            _run_dask(todo, stems, mask, opts, workers, scheduler, record)
+            _run_dask(todo, stems, mask, run, workers, scheduler, record)
         else:
             for p in todo:
-                record(p, run_slide(p, stems[p], mask, opts, echo))
+                record(p, run_slide(p, stems[p], mask, run, echo))
     finally:
         bar.close()
     summary.rows = [rows[p] for p in slides]
     return summary
 
 
-def _marker_objects(marker: Path) -> int:
-    import json
-
-    try:
-        counts = json.loads(marker.read_text()).get("counts", {})
-        return int(sum(v for k, v in counts.items() if k != "tissue"))
-    except (OSError, ValueError, AttributeError):
-        return 0
-
-
-def _run_dask(slides: list[Path], stems: dict, mask, opts: WSIOptions, workers: int, scheduler: str | None,
+def _run_dask(slides: list[Path], stems: dict, mask, run: CohortRun, workers: int, scheduler: str | None,
               record: Callable[[Path, SlideStatus], None]) -> None:
     """One slide per Dask task, on a LocalCluster of ``workers`` processes or the cluster at ``scheduler``."""
     import dask
@@ -295,7 +250,7 @@ def _run_dask(slides: list[Path], stems: dict, mask, opts: WSIOptions, workers: 
             try:
                 client = Client(scheduler, timeout="20s")
             except (OSError, TimeoutError) as exc:
-                raise CerberusError(f"cannot reach the Dask scheduler at {scheduler} ({_one_line(exc)}); start it "
+                raise CerberusError(f"cannot reach the Dask scheduler at {scheduler} ({one_line(exc)}); start it "
                                     "with `dask scheduler` and check the address") from None
         else:
             # non-daemonic workers may start post-processing processes of their own
@@ -304,7 +259,7 @@ def _run_dask(slides: list[Path], stems: dict, mask, opts: WSIOptions, workers: 
                                        dashboard_address=None, silence_logs=40)
             client = Client(cluster)
         with client:
-            futures = {client.submit(run_slide, str(p), stems[p], None if mask is None else str(mask), opts,
+            futures = {client.submit(run_slide, str(p), stems[p], None if mask is None else str(mask), run,
                                      pure=False, retries=0, key=f"slide-{i}-{stems[p]}"): p
                        for i, p in enumerate(slides)}
             for fut in as_completed(futures):
@@ -312,12 +267,12 @@ def _run_dask(slides: list[Path], stems: dict, mask, opts: WSIOptions, workers: 
                 try:
                     status = fut.result()
                 except Exception as exc:  # the worker died (out of memory, killed) while on this slide
-                    status = SlideStatus(p.name, "failed", 0, 0.0, f"worker lost: {_one_line(exc)}")
+                    status = SlideStatus(p.name, "failed", 0, 0.0, f"worker lost: {one_line(exc)}")
                 record(p, status)
     finally:
         if cluster is not None:
             cluster.close()
 
 
-__all__ = ["CohortSummary", "SLIDE_SUFFIXES", "SlideStatus", "WSIOptions", "expand_inputs", "infer_wsi", "mask_for",
+__all__ = ["CohortSummary", "SLIDE_SUFFIXES", "SlideStatus", "CohortRun", "expand_inputs", "infer_wsi", "mask_for",
            "run_slide"]

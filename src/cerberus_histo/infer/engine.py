@@ -244,4 +244,25 @@ class Predictor:
         target[:, my:my + wy.shape[0], mx:mx + wx.shape[0]] += np.einsum("ij,cjk,lk->cil", wy, part, wx, optimize=True)
 
 
-__all__ = ["PRECISIONS", "Predictor", "RegionPrediction", "TTA_FLIPS", "resolve_device"]
+@torch.no_grad()
+def classify_patches(model, patches, head: str = "tissue-class", batch_size: int = 64) -> np.ndarray:
+    """Softmax probabilities (``N x C`` float32) of ``model``'s ``class`` head for RGB patches (an ``N x H x W x 3``
+    uint8 array, or a list of equal-sized ``H x W x 3`` arrays) at the model's mpp, ideally of
+    ``config.class_patch_shape`` pixels: the patch head as trained, one class per patch. Runs on the model's
+    device, in eval mode."""
+    from ..errors import ConfigError
+    from ..models.decoders import ClassHead
+
+    if head not in model.heads or not isinstance(model.heads[head], ClassHead):
+        raise ConfigError(f"no patch-class head {head!r} in this model; heads: {', '.join(model.head_names)}")
+    model.eval()
+    device = next(model.parameters()).device
+    patches = np.asarray(patches)
+    if patches.ndim != 4 or patches.shape[-1] != 3:
+        raise ValueError(f"expected N x H x W x 3 RGB patches, got shape {patches.shape}")
+    out = [model(torch.from_numpy(np.ascontiguousarray(patches[i:i + batch_size])).permute(0, 3, 1, 2).to(device),
+                 heads=[head])[head].float().softmax(1).cpu().numpy() for i in range(0, len(patches), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(model.config.head(head)[0].class_names)), np.float32)
+
+
+__all__ = ["PRECISIONS", "Predictor", "RegionPrediction", "TTA_FLIPS", "classify_patches", "resolve_device"]

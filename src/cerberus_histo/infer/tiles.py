@@ -15,26 +15,23 @@ workers stay light.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CerberusError
-from ..io.files import atomic_write_bytes
 from ..io.readers import IMAGE_SUFFIXES, ArrayReader, check_mpp, read_image
 from ..postproc import GlandParams, NucleiParams, TaskResult, postprocess
+from .options import RunOptions
+from .pool import WorkerPool, check_output, echo, one_line, output_stems, read_marker, write_marker
 from .results import RegionPrediction, TilePrediction
-
-MARKER_DIR = "done"
 
 
 # ---- one image -------------------------------------------------------------------------------------------
@@ -71,7 +68,7 @@ def postprocess_region(pred: RegionPrediction, nuclei: NucleiParams | None = Non
 def predict_tile(model, image: np.ndarray, mpp: float | None = None, *, predictor=None,
                  nuclei: NucleiParams | None = None, gland: GlandParams | None = None,
                  lumen: GlandParams | None = None, **options) -> TilePrediction:
-    """See :meth:`~cerberus_histo.models.net.Cerberus.predict_tile`; ``predictor`` reuses a configured
+    """See :meth:`~cerberus_histo.api.Cerberus.predict_tile`; ``predictor`` reuses a configured
     :class:`~cerberus_histo.infer.engine.Predictor` (then ``options`` must be empty)."""
     if predictor is None:
         from .engine import Predictor
@@ -105,7 +102,7 @@ class TileRunSummary:
 
 def classify_patch_set(model, spec, names: Sequence[str] | None = None, task: str = "tissue"
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """The patch head (:meth:`~cerberus_histo.models.net.Cerberus.classify_patches`) on the images of a patch-class
+    """The patch head (:meth:`~cerberus_histo.api.Cerberus.classify_patches`) on the images of a patch-class
     dataset (a :class:`~cerberus_histo.data.dataset.DatasetSpec` with ``classes.csv``), each brought to the model's
     mpp: ``(predicted, true)`` class indices in the order of ``names`` (default: every image, sorted)."""
     from ..data.resolution import scaled_shape
@@ -118,7 +115,9 @@ def classify_patch_set(model, spec, names: Sequence[str] | None = None, task: st
         image = spec.read_image(n)
         h, w = scaled_shape(image.shape[:2], spec.image_mpp(n), model.config.mpp)
         images.append(resize(image, (w, h)))
-    probs = model.classify_patches(np.stack(images), head=f"{task}-class")
+    from .engine import classify_patches
+
+    probs = classify_patches(model, np.stack(images), head=f"{task}-class")
     return probs.argmax(1), np.array([classes[n] for n in names])
 
 
@@ -135,45 +134,16 @@ def list_images(path: Path) -> list[Path]:
     return files
 
 
-def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
-    """Output file stem per image: its name without suffix, or with it where two images share a stem."""
-    count: dict[str, int] = {}
-    for p in paths:
-        count[p.stem] = count.get(p.stem, 0) + 1
-    return {p: p.stem if count[p.stem] == 1 else p.name for p in paths}
-
-
-def check_output(folder: Path) -> Path:
-    """Create the output folder; one-line errors when it is a file or cannot be written."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CerberusError(f"--output {folder} exists and is not a folder; choose a folder path")
-    try:
-        (folder / MARKER_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CerberusError(f"cannot create --output {folder}: {exc.strerror or exc}; choose another path") from None
-    if not os.access(folder, os.W_OK) or not os.access(folder / MARKER_DIR, os.W_OK):
-        raise CerberusError(f"--output {folder} is not writable; choose another path")
-    return folder
-
-
-def marker_path(output: Path, stem: str) -> Path:
-    return Path(output) / MARKER_DIR / f"{stem}.json"
-
-
 def is_finished(output: Path, stem: str, formats: Iterable[str]) -> bool:
     """Whether a completion marker exists for ``stem`` and lists every requested format."""
-    try:
-        done = json.loads(marker_path(output, stem).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(done, dict) and set(formats) <= set(done.get("formats", ()))
+    done = read_marker(output, stem)
+    return done is not None and set(formats) <= set(done.get("formats", ()))
 
 
 def finish_tile(job: dict) -> dict:
     """Post-process one image's probabilities, write its outputs and then its completion marker (a worker's
     task; no torch). Returns the marker's content."""
-    from ..io.export import write_outputs
+    from ..outputs.writers import write_outputs
 
     t0 = time.perf_counter()
     pred: RegionPrediction = job["pred"]
@@ -190,129 +160,91 @@ def finish_tile(job: dict) -> dict:
               "model_mpp": pred.mpp, "scale": job["scale"], "formats": list(job["formats"]),
               "files": {k: Path(v).name for k, v in files.items()}, "counts": counts,
               "timings_s": {k: round(v, 4) for k, v in timings.items()}, **job["metadata"]}
-    atomic_write_bytes(marker_path(job["output"], job["stem"]), json.dumps(marker, indent=2).encode())
+    write_marker(job["output"], job["stem"], marker)
     return marker
 
 
-def _echo(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def infer_tiles(model_dir: Path, input_path: Path, output: Path, *, mpp: float | None = None,
-                batch_size: int | None = None, device: str = "auto", workers: int | None = None,
-                precision: str = "auto", threads: int | None = None, tta: bool = False,
-                formats: Sequence[str] | None = None, input_shape: int | None = None,
-                output_shape: int | None = None, centroids_only: bool = False, progress: bool = True,
-                echo: Callable[[str], None] = _echo) -> TileRunSummary:
+def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOptions | None = None, *,
+                echo: Callable[[str], None] = echo, **settings) -> TileRunSummary:
     """Predict every image of ``input_path`` (a file or a folder) with the model in ``model_dir`` and write
-    the results to ``output`` (see the module docstring). Per-image problems are reported through ``echo``
-    and collected in the summary's ``failed``; problems with the model, the options or the output folder raise
-    a one-line :class:`CerberusError` before any work. Settings left ``None``/``auto`` are chosen for the machine
-    (:mod:`.runtime`; ``workers``: the cores the network leaves free) and stated through ``echo`` first."""
-    from ..io.export import FORMATS, check_formats
-
-    fmts = check_formats(FORMATS if formats is None else formats)
-    if mpp is not None:
-        mpp = check_mpp(mpp, "--mpp")
-    if workers is not None and (not isinstance(workers, int) or workers < 0):
-        raise CerberusError(f"--workers must be 0 (post-process in this process) or more, got {workers!r}")
+    the results to ``output`` (see the module docstring). ``options`` (or its fields as keyword ``settings``) set
+    the run; left ``None``/``auto`` they are chosen for the machine (:mod:`.runtime`; ``postproc_workers``: the
+    cores the network leaves free) and stated through ``echo`` first. Per-image problems are reported through
+    ``echo`` and collected in the summary's ``failed``; problems with the model, the options or the output folder
+    raise a one-line :class:`CerberusError` before any work."""
+    opts = options if options is not None else RunOptions.from_settings(**settings)
+    if options is not None and settings:
+        raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
     images = list_images(input_path)
     output = check_output(output)
     stems = output_stems(images)
-    todo = [p for p in images if not is_finished(output, stems[p], fmts)]
+    todo = [p for p in images if not is_finished(output, stems[p], opts.formats)]
     summary = TileRunSummary(output, skipped=[p.name for p in images if p not in todo])
     if not todo:
         return summary
 
-    from ..models.net import Cerberus
+    from ..models.checkpoint import load_model
     from .engine import Predictor
     from .runtime import plan_runtime
 
-    model = Cerberus.load(model_dir)
-    side = input_shape or 1024
-    runtime = plan_runtime(model, (side, side), device=device, precision=precision, batch_size=batch_size,
-                           threads=threads, postproc_workers=workers)
-    predictor = Predictor(model, input_shape=input_shape, output_shape=output_shape, tta=tta, runtime=runtime)
+    model = load_model(model_dir)
+    side = opts.input_shape or 1024
+    runtime = plan_runtime(model, (side, side), **opts.runtime_settings())
+    predictor = Predictor(model, input_shape=opts.input_shape, output_shape=opts.output_shape, tta=opts.tta,
+                          runtime=runtime)
     echo(runtime.line(chunks=False))
-    workers = runtime.postproc_workers
     g = predictor.geometry
-    metadata = {"model_dir": str(model_dir), "mpp_given": mpp is not None, "precision": runtime.precision,
-                "tta": bool(tta), "window": f"{g.input_shape}/{g.output_shape}{' fit' if g.fit else ''}"}
-    pool = None
-    if workers > 0:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    metadata = {"model_dir": str(model_dir), "mpp_given": opts.mpp is not None, "precision": runtime.precision,
+                "tta": bool(opts.tta), "window": f"{g.input_shape}/{g.output_shape}{' fit' if g.fit else ''}"}
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), unit="image", desc="infer-tile", disable=not progress, file=sys.stderr)
-    pending: deque = deque()
+    bar = tqdm(total=len(todo), unit="image", desc="infer-tile", disable=not opts.progress, file=sys.stderr)
 
-    def collect(name: str, result) -> None:
+    def failed(name: str, reason: str, line: str | None = None) -> None:
+        summary.failed[name] = reason
+        echo(f"failed: {line or f'{name}: {reason}'}")
+        bar.update()
+
+    def collect(name: str, result: Future) -> None:
         try:
-            marker = result.result() if pool is not None else result
+            marker = result.result()
         except Exception as exc:  # one image's post-processing or writing failed: report it, go on
-            summary.failed[name] = _one_line(exc)
-            echo(f"failed: {name}: {summary.failed[name]}")
+            failed(name, one_line(exc))
         else:
             summary.done.append(name)
             summary.add_timings(marker["timings_s"])
-        bar.update()
+            bar.update()
 
     try:
-        for path in todo:
-            stem, name = stems[path], path.name
-            t0 = time.perf_counter()
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    image = read_image(path)
-            except CerberusError as exc:
-                summary.failed[name] = str(exc)
-                echo(f"failed: {exc}")
-                bar.update()
-                continue
-            for w in caught:
-                echo(f"warning: {w.message}")
-            t_read = time.perf_counter() - t0
-            try:
-                pred, rgb, image_mpp, scale = predict_probs(predictor, image, mpp, path.name)
-            except CerberusError as exc:
-                summary.failed[name] = str(exc)
-                echo(f"failed: {name}: {exc}")
-                bar.update()
-                continue
-            job = {"pred": pred, "image": rgb, "image_mpp": image_mpp, "scale": scale, "config": model.config,
-                   "output": output, "stem": stem, "formats": fmts, "centroids_only": centroids_only,
-                   "metadata": metadata, "source": str(path), "timings": {"decode": t_read}}
-            if pool is None:
+        with WorkerPool(runtime.postproc_workers, collect) as pool:
+            for path in todo:
+                t0 = time.perf_counter()
                 try:
-                    collect(name, finish_tile(job))
-                except Exception as exc:
-                    summary.failed[name] = _one_line(exc)
-                    echo(f"failed: {name}: {summary.failed[name]}")
-                    bar.update()
-            else:
-                pending.append((name, pool.submit(finish_tile, job)))
-                while len(pending) > workers:  # bound the probability maps held in memory
-                    collect(*pending.popleft())
-        while pending:
-            collect(*pending.popleft())
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        image = read_image(path)
+                except CerberusError as exc:  # the message names the file
+                    failed(path.name, str(exc), str(exc))
+                    continue
+                for w in caught:
+                    echo(f"warning: {w.message}")
+                t_read = time.perf_counter() - t0
+                try:
+                    pred, rgb, image_mpp, scale = predict_probs(predictor, image, opts.mpp, path.name)
+                except CerberusError as exc:
+                    failed(path.name, str(exc))
+                    continue
+                job = {"pred": pred, "image": rgb, "image_mpp": image_mpp, "scale": scale, "config": model.config,
+                       "output": output, "stem": stems[path], "formats": opts.formats,
+                       "centroids_only": opts.centroids_only, "metadata": metadata, "source": str(path),
+                       "timings": {"decode": t_read}}
+                pool.submit(finish_tile, job, path.name)
+                del job, pred  # a worker has its copy: bound the probability maps held here
+            pool.drain()
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
     return summary
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return first if isinstance(exc, CerberusError) else f"{type(exc).__name__}: {first}".rstrip(": ")
-
-
-__all__ = ["MARKER_DIR", "TileRunSummary", "check_output", "finish_tile", "infer_tiles", "is_finished",
-           "list_images", "output_stems", "postprocess_region", "predict_probs", "predict_tile"]
+__all__ = ["TileRunSummary", "classify_patch_set", "finish_tile", "infer_tiles", "is_finished", "list_images",
+           "postprocess_region", "predict_probs", "predict_tile"]

@@ -1,4 +1,5 @@
-"""Small file helpers shared across the package: atomic writes and YAML mappings with one-line errors."""
+"""Small file helpers shared across the package: atomic writes, the one PNG encoder, and YAML mappings with one-line
+errors."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ..errors import CerberusError
@@ -26,6 +28,20 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """An RGB (``H x W x 3``) or single-channel ``uint8`` image as PNG, written atomically: the one PNG encoder of the
+    package (overlays, thumbnails, tissue maps and masks, the demo's figures)."""
+    import cv2
+
+    arr = np.ascontiguousarray(image)
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr[..., :3], cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise CerberusError(f"could not encode {path} as PNG")
+    atomic_write_bytes(Path(path), buf.tobytes())
 
 
 def read_yaml_mapping(path: Path) -> dict:

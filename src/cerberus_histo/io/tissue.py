@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import CerberusError
-from .files import atomic_write_bytes
+from .files import write_png
 from .readers import Reader, check_mpp, read_raw
 
 SAT_BOUNDS = (15, 50)  # Otsu's saturation threshold (0..255) is clipped to this: glass ~0-10, pale eosin >= 40
@@ -120,10 +120,7 @@ def save_mask(path: str | Path, mask: np.ndarray) -> None:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise CerberusError(f"{path}: masks are saved as PNG; name the file .png")
-    ok, buf = cv2.imencode(".png", np.asarray(mask, bool).astype(np.uint8) * 255)
-    if not ok:
-        raise CerberusError(f"{path}: could not encode the mask as PNG")
-    atomic_write_bytes(path, buf.tobytes())
+    write_png(path, np.asarray(mask, bool).astype(np.uint8) * 255)
 
 
 def box_fractions(mask: np.ndarray, mask_mpp: float, boxes: np.ndarray, slide_mpp: float) -> np.ndarray:

@@ -1,10 +1,10 @@
-"""The network: encoders, decoders and heads, the :class:`Cerberus` model, and checkpoints."""
+"""The network: encoders, decoders and heads, the :class:`CerberusNet` module, and checkpoints."""
 
 from .checkpoint import import_original, load_encoder_weights, load_model, save_model
 from .encoders import ENCODERS, build_encoder, register_encoder
-from .net import Cerberus
+from .net import CerberusNet
 
 __all__ = [
-    "Cerberus", "ENCODERS", "build_encoder", "register_encoder", "import_original", "load_encoder_weights",
+    "CerberusNet", "ENCODERS", "build_encoder", "register_encoder", "import_original", "load_encoder_weights",
     "load_model", "save_model",
 ]

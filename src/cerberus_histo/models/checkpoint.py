@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import __version__
+from .._version import __version__
 from ..config import ModelConfig
 from ..errors import CerberusError
 from ..io.files import atomic_write, read_yaml_mapping
 from ..tasks import TaskSpec, get_task
 from .encoders import ENCODERS, imagenet_state_dict
-from .net import Cerberus
+from .net import CerberusNet
 
 CONFIG_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.pt"
@@ -116,7 +116,7 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
 # ---- our model folders ------------------------------------------------------------------------------
 
 
-def save_model(model: Cerberus, folder: str | Path) -> Path:
+def save_model(model: CerberusNet, folder: str | Path) -> Path:
     """Write ``model.yaml`` and ``weights.pt`` into ``folder`` (created if needed), each atomically."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -136,8 +136,9 @@ def save_model(model: Cerberus, folder: str | Path) -> Path:
     return folder
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Cerberus:
-    """Rebuild a model from a Cerberus model folder or an original Cerberus model folder; eval mode."""
+def load_model(folder: str | Path, device: str | torch.device = "cpu", cls: type = CerberusNet) -> CerberusNet:
+    """Rebuild a model (a ``cls``, by default the bare network) from a Cerberus model folder or an original
+    Cerberus model folder; eval mode."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CerberusError(f"{folder}: model folder not found")
@@ -152,12 +153,12 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Cerber
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
             raise CerberusError(f"{weights} is missing: a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-        model = Cerberus(config)
+        model = cls(config)
         state = _tensor_dict(read_weights(weights), weights)
         load_state_strict(model, state, str(weights), f"the model described in {CONFIG_FILE}")
         model.provenance = dict(meta.get("provenance") or {})
     elif (folder / ORIGINAL_SETTINGS).is_file() or (folder / ORIGINAL_WEIGHTS).is_file():
-        model = import_original(folder)
+        model = import_original(folder, cls)
     else:
         raise CerberusError(
             f"{folder} holds no model: expected {CONFIG_FILE} + {WEIGHTS_FILE} (a Cerberus model) "
@@ -166,7 +167,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Cerber
     return model.to(device).eval()
 
 
-def load_encoder_weights(model: Cerberus, path: str | Path) -> None:
+def load_encoder_weights(model: CerberusNet, path: str | Path) -> None:
     """Load a torchvision-format ImageNet state dict (``conv1.weight``, ``layer1.0.conv1.weight`` ...) into
     the encoder. The classifier ``fc.*`` is ignored; any other mismatch is an error."""
     path = Path(path)
@@ -283,8 +284,8 @@ def _renamed(spec: TaskSpec, class_names: tuple[str, ...]) -> TaskSpec:
     return dataclasses.replace(spec, class_names=class_names, class_colors=tuple(palette), class_weights=weights)
 
 
-def import_original(folder: str | Path) -> Cerberus:
-    """Build a :class:`Cerberus` from an original model folder (``settings.yml`` + ``weights.tar``)."""
+def import_original(folder: str | Path, cls: type = CerberusNet) -> CerberusNet:
+    """Build a network (a ``cls``) from an original model folder (``settings.yml`` + ``weights.tar``)."""
     folder = Path(folder)
     settings_path, weights_path = folder / ORIGINAL_SETTINGS, folder / ORIGINAL_WEIGHTS
     for p in (settings_path, weights_path):
@@ -302,7 +303,7 @@ def import_original(folder: str | Path) -> Cerberus:
         new = map_original_key(key)
         if new is not None:
             state[new] = value
-    model = Cerberus(config)
+    model = cls(config)
     if model.bottleneck is None:  # the original builds conv_map even when only the patch head uses the encoder
         state.pop("bottleneck.weight", None)
     load_state_strict(model, state, str(weights_path), f"the architecture in {ORIGINAL_SETTINGS} ({config.encoder}, "

@@ -1,9 +1,13 @@
-"""The Cerberus multi-task network: one shared encoder, one decoder per dense head, a patch-class head."""
+"""The Cerberus multi-task network: one shared encoder, one decoder per dense head, a patch-class head.
+
+:class:`CerberusNet` is the ``nn.Module``: it knows its layers and ``forward``. What users hold,
+:class:`cerberus_histo.Cerberus`, is this network with the verbs ``load``, ``save``, ``predict_tile`` and
+``predict_wsi`` (:mod:`cerberus_histo.api`), which sits above both the models and the inference code.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,7 +18,7 @@ from .decoders import ClassHead, DenseDecoder
 from .encoders import build_encoder
 
 
-class Cerberus(nn.Module):
+class CerberusNet(nn.Module):
     """Multi-task network built from a :class:`~cerberus_histo.config.ModelConfig`.
 
     ``forward(images)`` takes ``N x 3 x H x W`` RGB pixels (uint8, or float in 0-255) and returns a dict
@@ -26,9 +30,8 @@ class Cerberus(nn.Module):
     :class:`ClassHead`). Only the configured tasks' heads are built.
 
     Example:
-        >>> model = Cerberus(ModelConfig.preset("original"))
-        >>> logits = model(torch.zeros(1, 3, 448, 448))      # {"gland-inst": 1x3x448x448, ...}
-        >>> model.save("my_model"); same = Cerberus.load("my_model")
+        >>> net = CerberusNet(ModelConfig.preset("original")).eval()
+        >>> logits = net(torch.zeros(1, 3, 448, 448))      # {"gland-inst": 1x3x448x448, ...}
     """
 
     def __init__(self, config: ModelConfig):
@@ -113,74 +116,6 @@ class Cerberus(nn.Module):
         each cell inside the image) keeps cells outside the image out of the neighbourhood's average. This is what
         inference uses."""
         return self.forward(images, heads, dense=True, inside=inside)
-
-    @torch.no_grad()
-    def classify_patches(self, patches, head: str = "tissue-class", batch_size: int = 64):
-        """Softmax probabilities (``N x C`` float32 NumPy array) of a ``class`` head for RGB patches (an ``N x H x W x
-        3`` uint8 array, or a list of equal-sized ``H x W x 3`` arrays) at the model's mpp, ideally of
-        ``config.class_patch_shape`` pixels: the patch head as trained (:meth:`forward`), one class per patch. Runs
-        on the model's device, in eval mode."""
-        import numpy as np
-
-        if head not in self.heads or not isinstance(self.heads[head], ClassHead):
-            raise ConfigError(f"no patch-class head {head!r} in this model; heads: {', '.join(self.head_names)}")
-        self.eval()
-        device = next(self.parameters()).device
-        patches = np.asarray(patches)
-        if patches.ndim != 4 or patches.shape[-1] != 3:
-            raise ValueError(f"expected N x H x W x 3 RGB patches, got shape {patches.shape}")
-        out = [self(torch.from_numpy(np.ascontiguousarray(patches[i:i + batch_size])).permute(0, 3, 1, 2).to(device),
-                    heads=[head])[head].float().softmax(1).cpu().numpy() for i in range(0, len(patches), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.config.head(head)[0].class_names)), np.float32)
-
-    def predict_tile(self, image, mpp: float | None = None, **options):
-        """Instances, type maps and the tissue map of one RGB image (``H x W x 3`` array; RGBA, grey and 16-bit
-        are converted with a warning) as a :class:`~cerberus_histo.infer.tiles.TilePrediction`.
-
-        ``mpp`` is the image's resolution; when it differs from the model's the image is resampled, and the
-        result's ``scale`` maps its model-resolution coordinates back to image pixels. ``options`` go to
-        :class:`~cerberus_histo.infer.engine.Predictor` (``batch_size``, ``device``, ``precision``, ``tta``,
-        ``geometry`` or ``input_shape``/``output_shape`` ...); the model is put in eval mode and moved to
-        ``device`` in place, like ``model.to``.
-        """
-        from ..infer.tiles import predict_tile
-
-        return predict_tile(self, image, mpp=mpp, **options)
-
-    def predict_wsi(self, slide, output="cerberus-wsi", *, mpp: float | None = None, mask=None,
-                    chunk_size: int | None = None, margin_um: float = 256.0, centroids_only: bool = False,
-                    progress: bool = True, **options):
-        """Glands, lumina, nuclei and tissue classes of a whole slide, predicted chunk by chunk with bounded memory
-        and written to ``output`` (a folder): the SQLite store (TIAToolbox), QuPath GeoJSON, summary JSON/CSV,
-        thumbnail overlay, tissue mask and metadata, all in level-0 pixels. Returns a
-        :class:`~cerberus_histo.infer.wsi.WSIResult` (output paths, summary, counts, timings).
-
-        ``mpp`` overrides the slide's level-0 resolution; ``mask`` is a tissue mask image (default: computed);
-        ``chunk_size`` (model px; default: the largest the memory budget allows) and ``margin_um`` set the
-        chunking; a re-run resumes an interrupted slide and skips a finished one. ``options`` go to
-        :func:`~cerberus_histo.infer.wsi.make_predictor` (``batch_size``, ``device``, ``precision``, ``tta``,
-        ``threads``, ``postproc_workers``, ``memory_gb``, ``input_shape``, ``output_shape``; left out, they are
-        chosen for the machine). See ``docs/wsi.md``.
-        """
-        from ..infer.wsi import predict_wsi
-
-        return predict_wsi(self, slide, output, mpp=mpp, mask=mask, chunk_size=chunk_size, margin_um=margin_um,
-                           centroids_only=centroids_only, progress=progress, **options)
-
-    # ---- checkpoints (implemented in .checkpoint) ------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """Write ``model.yaml`` (the config) and ``weights.pt`` (the state dict) into ``folder``."""
-        from .checkpoint import save_model
-
-        return save_model(self, folder)
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Cerberus:
-        """Rebuild a model from a folder written by :meth:`save`, or from an original Cerberus model
-        folder (``settings.yml`` + ``weights.tar``), which is converted on the fly. Returned in eval mode."""
-        from .checkpoint import load_model
-
-        return load_model(folder, device)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from ..models.net import Cerberus
+from ..models.net import CerberusNet
 from .config import TrainConfig
 from .losses import multitask_loss
 from .validation import ValidationStats
@@ -27,7 +27,7 @@ def class_mosaic(batch: dict, heads: list[str], n: int, cell: int) -> dict:
     """A batch of tissue patches as ``n x n`` mosaics: patches ``k * n * n ... (k + 1) * n * n - 1`` side by side in
     row order (the last mosaic filled up with the batch's first patches), and for each head a per-cell target: the
     class of the patch under the centre of each ``cell``-px cell. The head is then applied densely, as inference
-    applies it (:meth:`~cerberus_histo.models.net.Cerberus.forward_dense`)."""
+    applies it (:meth:`~cerberus_histo.models.net.CerberusNet.forward_dense`)."""
     images = batch["image"]
     count, channels, size = images.shape[0], images.shape[1], images.shape[-1]
     mosaics = -(-count // (n * n))
@@ -43,13 +43,13 @@ def class_mosaic(batch: dict, heads: list[str], n: int, cell: int) -> dict:
     return out
 
 
-def patch_heads(model: Cerberus, batch: dict) -> list[str]:
+def patch_heads(model: CerberusNet, batch: dict) -> list[str]:
     """The patch-class heads that every sample of ``batch`` labels: not empty for a batch of tissue patches."""
     return [h for h in model.head_names
             if model.config.head(h)[1].kind == "class" and f"has/{h}" in batch and bool(batch[f"has/{h}"].all())]
 
 
-def calibrate_batchnorm(model: Cerberus, batches, mosaic: int = 1, device="cpu") -> list[torch.nn.Module]:
+def calibrate_batchnorm(model: CerberusNet, batches, mosaic: int = 1, device="cpu") -> list[torch.nn.Module]:
     """Measure the batch-norm statistics of ``model`` afresh on ``batches`` (training batches: dicts with ``image``;
     tissue-patch batches are laid out as ``mosaic x mosaic`` mosaics first), every head run densely as inference
     runs it, as cumulative means rather than running ones; returns the batch-norm layers. Training's running
@@ -77,7 +77,7 @@ def calibrate_batchnorm(model: Cerberus, batches, mosaic: int = 1, device="cpu")
 
 
 class CerberusModule(L.LightningModule):
-    def __init__(self, model: Cerberus, train_config: TrainConfig, trainable: tuple[str, ...] | None = None):
+    def __init__(self, model: CerberusNet, train_config: TrainConfig, trainable: tuple[str, ...] | None = None):
         super().__init__()
         self.model = model
         self.train_config = train_config

@@ -77,17 +77,17 @@ def build_model(heads: list[str], train_config: TrainConfig, pretrained: str | N
     """
     import torch
 
-    from ..models.checkpoint import load_encoder_weights
-    from ..models.net import Cerberus
+    from ..models.checkpoint import load_encoder_weights, load_model
+    from ..models.net import CerberusNet
 
     torch.manual_seed(train_config.seed)
     if pretrained and pretrained != "random" and Path(pretrained).is_dir():
-        base = Cerberus.load(pretrained)
+        base = load_model(pretrained)
         if train_config.model:
             warnings.warn("params 'model' is ignored: the architecture comes from the --pretrained model folder",
                           stacklevel=2)
         config = _with_overrides(_add_heads(base.config, heads), train_config)
-        model = Cerberus(config)
+        model = CerberusNet(config)
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
         new = sorted({k.split(".")[1] for k in missing})
         if unexpected or any(not k.startswith("heads.") for k in missing):
@@ -110,7 +110,7 @@ def build_model(heads: list[str], train_config: TrainConfig, pretrained: str | N
         config = ModelConfig(tasks=tuple(tasks), **fields)
     except TypeError as exc:
         raise ConfigError(f"params model: {exc}") from None
-    model = Cerberus(_with_overrides(config, train_config))
+    model = CerberusNet(_with_overrides(config, train_config))
     if imagenet:
         if not Path(pretrained).is_file():
             raise CerberusError(f"--pretrained {pretrained}: not a file or model folder; give an ImageNet weights "
@@ -240,17 +240,18 @@ def _checkpoint_step(ckpt: str | None) -> int:
 def _write_models(log_dir: Path, model, cfg: TrainConfig, best, summary: dict) -> None:
     import torch
 
-    from ..models.net import Cerberus
+    from ..models.checkpoint import save_model
+    from ..models.net import CerberusNet
 
     model.provenance = {"trained_with": "cerberus train", "steps": summary["steps"],
                         "initialisation": summary["initialisation"], "trained_heads": ", ".join(summary["trained_heads"])}
-    model.save(log_dir / "model")
+    save_model(model, log_dir / "model")
     cfg.save(log_dir / "model" / "train.yaml")
     if best is not None and best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-        best_model = Cerberus(model.config)
+        best_model = CerberusNet(model.config)
         best_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
         score = best.best_model_score
         best_model.provenance = dict(model.provenance, best_val_score=round(float(score), 4) if score is not None else None)
-        best_model.save(log_dir / "model-best")
+        save_model(best_model, log_dir / "model-best")
         cfg.save(log_dir / "model-best" / "train.yaml")

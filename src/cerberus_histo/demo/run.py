@@ -39,8 +39,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import __version__
-from .errors import CerberusError
+from .._version import __version__
+from ..errors import CerberusError
 
 MARKERS = ".demo"
 CLASS_PATCH = 144
@@ -133,7 +133,7 @@ def choose_device(device: str) -> tuple[str, str]:
     choice, except fp16 (not fp32) on CUDA cards without bf16, which the demo also trains with."""
     import torch
 
-    from .infer.runtime import auto_precision, resolve_device
+    from ..infer.runtime import auto_precision, resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -192,7 +192,7 @@ SEG_TASKS = ("gland", "lumen", "nuclei")
 
 
 def _data(ctx: _Context) -> dict:
-    from .data.synthetic import write_patches, write_tiles
+    from ..data.synthetic import write_patches, write_tiles
 
     s, root = ctx.settings, ctx.out / "data"
     for i, task in enumerate(SEG_TASKS):
@@ -204,7 +204,7 @@ def _data(ctx: _Context) -> dict:
 
 
 def _patches(ctx: _Context) -> dict:
-    from .data.patches import extract_patches
+    from ..data.patches import extract_patches
 
     s, root = ctx.settings, ctx.out / "data"
     counts = {}
@@ -219,9 +219,9 @@ def _patches(ctx: _Context) -> dict:
 def _train(ctx: _Context) -> dict:
     import logging
 
-    from .train.config import TrainConfig
-    from .train.datamodule import Source
-    from .train.run import train
+    from ..train.config import TrainConfig
+    from ..train.datamodule import Source
+    from ..train.run import train
 
     s, patches = ctx.settings, ctx.out / "data" / "patches"
     gpu = ctx.device.startswith("cuda")
@@ -254,9 +254,9 @@ def _train(ctx: _Context) -> dict:
         clock.join()
         for lg, level in zip(quiet, levels, strict=True):
             lg.setLevel(level)
-    from .models.net import Cerberus
+    from ..models.checkpoint import load_model
 
-    model = Cerberus.load(ctx.model_dir)
+    model = load_model(ctx.model_dir)
     return {"steps": summary["steps"], "seconds": summary["seconds"],
             "samples_per_second": summary["samples_per_second"], "precision": precision,
             "validation": summary.get("validation", {}),
@@ -282,7 +282,7 @@ def _train_clock(seconds: float, stop: threading.Event, progress: bool) -> None:
 
 
 def _test_tiles(ctx: _Context) -> dict:
-    from .data.synthetic import write_patches, write_tiles
+    from ..data.synthetic import write_patches, write_tiles
 
     s = ctx.settings
     spec = write_tiles(ctx.out / "data" / "test", s.test_tiles, s.tile_size, seed=ctx.seed + 200, num_splits=1,
@@ -295,11 +295,11 @@ def _test_tiles(ctx: _Context) -> dict:
 
 
 def _infer_tiles(ctx: _Context) -> dict:
-    from .infer.tiles import infer_tiles
+    from ..infer.tiles import infer_tiles
 
     t0 = time.perf_counter()
     summary = infer_tiles(ctx.model_dir, ctx.out / "data" / "test" / "images", ctx.out / "tiles",
-                          device=ctx.device, workers=ctx.settings.workers, precision=ctx.precision,
+                          device=ctx.device, postproc_workers=ctx.settings.workers, precision=ctx.precision,
                           progress=ctx.progress)
     if summary.failed:
         raise CerberusError("tile inference failed on " + "; ".join(f"{k}: {v}" for k, v in summary.failed.items()))
@@ -315,15 +315,15 @@ def _infer_tiles(ctx: _Context) -> dict:
 def _evaluate(ctx: _Context) -> dict:
     import numpy as np
 
-    from .data.dataset import load_dataset
-    from .demo_report import evaluate_tiles
-    from .infer.tiles import classify_patch_set
-    from .models.net import Cerberus
+    from ..data.dataset import load_dataset
+    from ..infer.tiles import classify_patch_set
+    from ..models.checkpoint import load_model
+    from .report import evaluate_tiles
 
     result = evaluate_tiles(ctx.out)
     # the patch head on held-out 144-px patches, as trained: the dense map's pixel accuracy should come close; and
     # the same weighted by the tiles' class mix (each class's patch recall x its share of the tiles' pixels)
-    model = Cerberus.load(ctx.model_dir)
+    model = load_model(ctx.model_dir)
     pred, truth = classify_patch_set(model, load_dataset(ctx.out / "data" / "test-patches"))
     right = pred == truth
     test = load_dataset(ctx.out / "data" / "test")
@@ -338,7 +338,7 @@ def _evaluate(ctx: _Context) -> dict:
 
 
 def _slide(ctx: _Context) -> dict:
-    from .data.slide import write_synthetic_slide
+    from ..data.slide import write_synthetic_slide
 
     s = ctx.settings
     offset = 3 * s.slide_field // 8 // 128 * 128
@@ -349,8 +349,8 @@ def _slide(ctx: _Context) -> dict:
 
 
 def _wsi(ctx: _Context) -> dict:
-    from .demo_report import evaluate_slide
-    from .models.net import Cerberus
+    from ..api import Cerberus
+    from .report import evaluate_slide
 
     model = Cerberus.load(ctx.model_dir)
     cell = int(model.encoder.strides[-1])
@@ -413,7 +413,7 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, seed: int
     """
     import torch
 
-    from .demo_report import print_results, write_index
+    from .report import print_results, write_index
 
     out = Path(out_dir)
     s = settings or DemoSettings.preset(quick)
@@ -491,8 +491,8 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from .demo_report import _clean
-    from .io.files import atomic_write_bytes
+    from ..io.files import atomic_write_bytes
+    from .report import _clean
 
     atomic_write_bytes(path, json.dumps(_clean(data), indent=2, default=_json_default).encode())  # NaN -> null
 

@@ -1,9 +1,12 @@
-"""Result writers: one place builds annotation records from post-processed results; every writer consumes them.
+"""Annotation records: the one columnar set of objects per task that every output is written from.
 
 :func:`annotation_records` turns ``postprocess`` results (a :class:`~cerberus_histo.postproc.TaskResult` per
 task) into :class:`AnnotationRecords`, one columnar table per task, in *output coordinates*: a map pixel
 ``(x, y)`` goes to ``(x, y) * scale + offset`` (x then y), so with the right ``scale`` and ``offset`` the
-geometry lands in a slide's level-0 frame and QuPath / TIAToolbox overlay it without transformation.
+geometry lands in a slide's level-0 frame and QuPath / TIAToolbox overlay it without transformation. A slide's
+records are appended to its store (:mod:`.store`) chunk by chunk and read back from it in batches
+(:meth:`.store.AnnotationStore.records`) as the same :class:`AnnotationRecords`, so tiles and slides reach every
+file format through the same writers (:mod:`.writers`).
 
 Conventions:
 
@@ -17,37 +20,27 @@ Conventions:
   own foreground class (``class_names[1]``, ``"lumen"``), never another task's. Lumina carry their
   containing gland's id as ``parent_gland``.
 * Tissue regions are the exact outlines of the class-map cells (the class map covers the same extent as the
-  instance maps, at the same or a coarser resolution), one record per 4-connected region, with holes; class 0
-  (``background``) is not exported.
-
-:func:`write_outputs` writes every format of a result in one call (each file atomically).
+  instance maps, at the same or a coarser resolution), one record per 4-connected region, with holes, clipped to
+  the image or slide; class 0 (``background``) is not exported.
+* :func:`clip_records` keeps every geometry inside a region (a user's tissue mask).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
 import numpy as np
 import shapely
 from scipy import ndimage as ndi
 
-from .. import __version__
 from ..errors import CerberusError
-from .files import atomic_write, atomic_write_bytes
-from .geojson import write_geojson, write_hovernet_json
-from .store import write_store
 
 #: QuPath object type per task (nuclei are detections: light-weight, many)
 OBJECT_TYPES = {"nuclei": "detection"}
+#: the order tasks are written in (tissue regions first, nuclei on top)
 TASK_ORDER = ("tissue", "gland", "lumen", "nuclei")
-FORMATS = ("geojson", "sqlite", "npz", "hovernet", "overlay", "csv")
+INSTANCE_TASKS = ("gland", "lumen", "nuclei")
 
 
 @dataclass
@@ -107,6 +100,26 @@ class AnnotationRecords:
                                  self.types[idx], self.class_index[idx], self.geometry[idx], self.centroid[idx],
                                  self.bbox[idx], [self.contours[i] for i in idx],
                                  {k: v[idx] for k, v in self.measurements.items()})
+
+    @classmethod
+    def from_geometries(cls, spec, ids: np.ndarray, class_index: np.ndarray, geometry: np.ndarray,
+                        measurements: Mapping[str, np.ndarray], centroid: np.ndarray | None = None
+                        ) -> AnnotationRecords:
+        """Records of task ``spec`` (a :class:`~cerberus_histo.tasks.TaskSpec`) from valid geometries, as a store
+        gives them back: ``types`` are ``class_index`` where the task has a type head (-1 for ``lumen``),
+        ``centroid`` defaults to the geometries' centroids, ``bbox`` is their bounds and each contour the exterior
+        ring of the geometry (of its largest part for a MultiPolygon; the point itself for a Point)."""
+        n = len(ids)
+        geometry = np.asarray(geometry, object).reshape(n)
+        if centroid is None:
+            centroid = shapely.get_coordinates(shapely.centroid(geometry)).reshape(n, 2)
+        class_index = np.asarray(class_index, np.int64).reshape(n)
+        typed = bool({"type", "class"} & set(spec.kinds))
+        return cls(spec.name, OBJECT_TYPES.get(spec.name, "annotation"), spec.class_names, spec.class_colors,
+                   np.asarray(ids, np.int64).reshape(n), class_index if typed else np.full(n, -1, np.int64),
+                   class_index, geometry, np.asarray(centroid, np.float64).reshape(n, 2),
+                   shapely.bounds(geometry).reshape(n, 4) if n else np.zeros((0, 4)), exterior_rings(geometry),
+                   {k: np.asarray(v, np.float64).reshape(n) for k, v in measurements.items()})
 
 
 # ---- building records ------------------------------------------------------------------------------------
@@ -287,193 +300,56 @@ def annotation_records(results: Mapping, config, mpp: float, scale: float = 1.0,
     return out
 
 
-# ---- summary ---------------------------------------------------------------------------------------------
-def summarize(records: Mapping[str, AnnotationRecords]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{task: {class: {"count", "area_um2", "mean_area_um2"}}}`` over every class of each task (class 0
-    only where objects have it), so that absent classes show a zero count."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for task, rec in records.items():
-        area = rec.measurements.get("area_um2", np.zeros(len(rec)))
-        rows: dict[str, dict[str, float]] = {}
-        classes = range(0 if (rec.class_index == 0).any() else 1, len(rec.class_names))
-        for c in classes:
-            sel = rec.class_index == c
-            n, total = int(sel.sum()), float(area[sel].sum())
-            rows[rec.class_names[c]] = {"count": n, "area_um2": total, "mean_area_um2": total / n if n else 0.0}
-        out[task] = rows
+
+
+def exterior_rings(geoms: np.ndarray) -> list[np.ndarray]:
+    """The outline of each geometry as a ``K x 2`` ring without its closing point: a Polygon's exterior, the
+    largest part's for a MultiPolygon, the point itself for a Point."""
+    out = []
+    for g in geoms:
+        if g.geom_type == "MultiPolygon":
+            g = max(g.geoms, key=lambda q: q.area)
+        if g.geom_type == "Polygon":
+            out.append(shapely.get_coordinates(g.exterior)[:-1])
+        else:
+            out.append(shapely.get_coordinates(g)[:1])
     return out
 
 
-def write_summary_csv(path: Path, records: Mapping[str, AnnotationRecords]) -> dict:
-    """Write ``task,class,count,area_um2,mean_area_um2`` (one row per (task, class) of :func:`summarize`)
-    atomically and return the summary dict."""
-    summary = summarize(records)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["task", "class", "count", "area_um2", "mean_area_um2"])
-    for task, rows in summary.items():
-        for cls, r in rows.items():
-            w.writerow([task, cls, r["count"], f"{r['area_um2']:.3f}", f"{r['mean_area_um2']:.3f}"])
-    atomic_write_bytes(Path(path), buf.getvalue().encode())
-    return summary
+def clip_records(rec: AnnotationRecords, region, mpp: float) -> AnnotationRecords:
+    """The records inside ``region`` (a shapely geometry in the records' coordinates, e.g. a user's tissue mask):
+    an instance whose centroid lies outside is dropped and one that crosses the region's edge is cut at it; tissue
+    regions are cut at it. A cut object's contour and box follow its new outline and its ``area_um2`` becomes its
+    polygon's area (``mpp``: µm per output unit)."""
+    if not len(rec):
+        return rec
+    shapely.prepare(region)
+    if rec.task != "tissue":
+        rec = rec.subset(shapely.intersects_xy(region, rec.centroid[:, 0], rec.centroid[:, 1]))
+    inside = shapely.contains(region, rec.geometry) | (shapely.get_type_id(rec.geometry) == 0)
+    if inside.all():
+        return rec
+    geoms = rec.geometry.copy()
+    cut = np.flatnonzero(~inside)
+    for i in cut:
+        geoms[i] = _polygonal(shapely.intersection(geoms[i], region))
+    keep = np.array([g is not None for g in geoms])
+    rec = rec.subset(keep)
+    geoms, cut_mask = geoms[keep], (~inside)[keep]
+    contours = list(rec.contours)
+    for i, ring in zip(np.flatnonzero(cut_mask), exterior_rings(geoms[cut_mask]), strict=True):
+        contours[i] = ring
+    bbox = rec.bbox.copy()
+    bbox[cut_mask] = shapely.bounds(geoms[cut_mask]).reshape(-1, 4)
+    meas = dict(rec.measurements)
+    if "area_um2" in meas:
+        meas["area_um2"] = np.where(cut_mask, shapely.area(geoms) * mpp * mpp, meas["area_um2"])
+    return AnnotationRecords(rec.task, rec.object_type, rec.class_names, rec.class_colors, rec.ids, rec.types,
+                             rec.class_index, geoms, rec.centroid, bbox, contours, meas)
 
 
-# ---- label maps and overlay ------------------------------------------------------------------------------
-def _smallest_uint(a: np.ndarray) -> np.ndarray:
-    top = int(a.max(initial=0))
-    if int(a.min(initial=0)) < 0:
-        return a.astype(np.int32)
-    return a.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32)
-
-
-def write_label_maps(path: Path, results: Mapping, meta: Mapping | None = None) -> None:
-    """Compressed ``.npz`` of the maps, at map resolution: ``{task}_inst`` and ``{task}_type`` per instance
-    task, ``tissue_class`` (and ``tissue_prob``, float16) for the tissue task, in the smallest unsigned
-    integer type that holds them; ``meta`` (JSON text) records the frame (mpp, scale, offset and, for tiles,
-    ``tissue_cell``: map pixels per ``tissue_class`` value)."""
-    arrays: dict[str, np.ndarray] = {}
-    for task, res in results.items():
-        if res.inst_map is not None:
-            arrays[f"{task}_inst"] = _smallest_uint(np.asarray(res.inst_map))
-        if res.type_map is not None:
-            arrays[f"{task}_type"] = _smallest_uint(np.asarray(res.type_map))
-        if res.class_map is not None:
-            arrays[f"{task}_class"] = _smallest_uint(np.asarray(res.class_map))
-        if res.class_prob is not None:
-            arrays[f"{task}_prob"] = np.asarray(res.class_prob, np.float16)
-    arrays["meta"] = np.array(json.dumps(dict(meta or {})))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a path
-            np.savez_compressed(f, **arrays)
-
-    atomic_write(Path(path), write)
-
-
-def render_overlay(image: np.ndarray, records: Mapping[str, AnnotationRecords], results: Mapping | None = None,
-                   config=None, *, scale: float = 1.0, offset: Sequence[float] = (0.0, 0.0),
-                   max_side: int | None = 4096, alpha: float = 0.35) -> np.ndarray:
-    """RGB overlay of ``image`` (the maps' image, ``H x W x 3``): tissue classes tinted (class map upsampled
-    nearest, class 0 left clear), instance outlines coloured by class (glands, lumina, then nuclei on top).
-    Records are mapped back to image pixels with ``scale`` and ``offset``; images larger than ``max_side``
-    are downscaled first."""
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    img = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
-    h, w = img.shape[:2]
-    s = 1.0 if not max_side or max(h, w) <= max_side else max_side / max(h, w)
-    if s != 1.0:
-        img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    oh, ow = img.shape[:2]
-    for task, res in (results or {}).items():
-        if res.class_map is None or config is None:
-            continue
-        colors = np.asarray(config.task(task).class_colors, np.uint8)
-        cmap = cv2.resize(np.asarray(res.class_map).astype(np.uint16), (ow, oh), interpolation=cv2.INTER_NEAREST)
-        blend = cv2.addWeighted(img, 1 - alpha, colors[cmap], alpha, 0)
-        np.copyto(img, blend, where=(cmap > 0)[..., None])
-    off = np.asarray(offset, np.float64)
-    # records -> map pixels (undo scale, offset) -> image pixels (the image may be the maps' at another size)
-    map_w = next((r.inst_map.shape[1] for r in (results or {}).values() if r.inst_map is not None), w)
-    k = (w / map_w) * s
-    for task in ("gland", "lumen", "nuclei"):
-        rec = records.get(task)
-        if rec is None or not len(rec):
-            continue
-        thick = 2 if task == "gland" and k >= 0.5 else 1
-        coords, offsets = ragged(rec.contours)
-        pts = np.split(np.round((coords - off) / scale * k).astype(np.int32).reshape(-1, 1, 2), offsets[1:-1])
-        for c in np.unique(rec.class_index):
-            color = tuple(int(v) for v in rec.class_colors[int(c)])
-            cv2.polylines(img, [pts[i] for i in np.flatnonzero(rec.class_index == c)], True, color, thick)
-    return img
-
-
-def write_overlay(path: Path, image: np.ndarray, records: Mapping[str, AnnotationRecords],
-                  results: Mapping | None = None, config=None, **kwargs) -> None:
-    """PNG of :func:`render_overlay`, written atomically."""
-    rgb = render_overlay(image, records, results, config, **kwargs)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise CerberusError(f"could not encode the overlay {path} as PNG")
-    atomic_write_bytes(Path(path), buf.tobytes())
-
-
-# ---- everything at once ----------------------------------------------------------------------------------
-def _file_name(stem: str, fmt: str) -> str:
-    return {"geojson": f"{stem}.geojson", "sqlite": f"{stem}.db", "npz": f"{stem}.npz", "hovernet": f"{stem}.json",
-            "overlay": f"{stem}_overlay.png", "csv": f"{stem}_summary.csv"}[fmt]
-
-
-def _cannot_write(folder: Path, exc: OSError) -> CerberusError:
-    why = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc)).lower()
-    return CerberusError(f"cannot write to {folder}: {why}; choose another --output")
-
-
-def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
-    """The formats as a tuple; an unknown name is a one-line error naming the valid ones."""
-    fmts = (formats,) if isinstance(formats, str) else tuple(formats)
-    unknown = [f for f in fmts if f not in FORMATS]
-    if unknown:
-        raise CerberusError(f"unknown output format(s) {', '.join(map(repr, unknown))}; "
-                            f"choose from {', '.join(FORMATS)}")
-    return fmts
-
-
-def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: float, image: np.ndarray | None = None,
-                  scale: float = 1.0, offset: Sequence[float] = (0.0, 0.0), formats: Iterable[str] = FORMATS,
-                  centroids_only: bool = False, metadata: Mapping | None = None,
-                  overlay_max_side: int | None = 4096,
-                  records: Mapping[str, AnnotationRecords] | None = None,
-                  cell: float | None = None) -> dict[str, Path]:
-    """Write the results of one image or slide in ``formats``, each file atomically; returns format -> path.
-
-    Files: ``{stem}.geojson`` (QuPath), ``{stem}.db`` (TIAToolbox SQLiteStore), ``{stem}.npz`` (label maps),
-    ``{stem}.json`` (HoVer-Net layout), ``{stem}_overlay.png`` (only when ``image`` is given) and
-    ``{stem}_summary.csv``. ``mpp`` is the resolution of the output coordinates and the maps are at
-    ``mpp * scale`` (see :func:`annotation_records`); ``metadata`` adds keys to the store's metadata (slide
-    name, ...) beside ``mpp``, ``processing_mpp``, ``scale``, ``offset``, ``software`` and ``model``.
-    ``records``: the :func:`annotation_records` of these results with the same ``mpp``, ``scale`` and
-    ``offset``, when already built (for example to :func:`summarize` them too); built here otherwise.
-    Unknown formats and folders that cannot be written are one-line :class:`CerberusError` s. ``cell``: map pixels
-    per tissue class cell (see :func:`annotation_records`).
-    """
-    fmts = check_formats(formats)
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _cannot_write(folder, exc) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise _cannot_write(folder, PermissionError())
-    if records is None:
-        records = annotation_records(results, config, mpp, scale, offset, cell=cell)
-
-    meta = {"mpp": float(mpp), "processing_mpp": float(mpp) * float(scale), "scale": float(scale),
-            "offset": [float(v) for v in offset], "software": {"cerberus_histo": __version__},
-            "model": config.to_dict(), **dict(metadata or {})}
-    paths: dict[str, Path] = {}
-    try:
-        for fmt in fmts:
-            path = folder / _file_name(stem, fmt)
-            if fmt == "geojson":
-                write_geojson(path, records, centroids_only=centroids_only)
-            elif fmt == "sqlite":
-                write_store(path, records, meta)
-            elif fmt == "npz":
-                frame = ("mpp", "processing_mpp", "scale", "offset", "tissue_cell")
-                write_label_maps(path, results, {k: meta[k] for k in frame if k in meta})
-            elif fmt == "hovernet":
-                write_hovernet_json(path, records, mag=round(10.0 / float(mpp), 2))
-            elif fmt == "overlay":
-                if image is None:
-                    continue
-                write_overlay(path, image, records, results, config, scale=scale, offset=offset,
-                              max_side=overlay_max_side)
-            elif fmt == "csv":
-                write_summary_csv(path, records)
-            paths[fmt] = path
-    except OSError as exc:
-        raise _cannot_write(folder, exc) from None
-    return paths
+def mask_region(mask: np.ndarray, scale: float):
+    """A boolean mask as one valid geometry in output coordinates: mask pixel ``(i, j)`` is the square
+    ``[j, j + 1) x [i, i + 1)`` times ``scale`` (output units per mask pixel)."""
+    region = _class_regions(np.asarray(mask, bool))
+    return shapely.transform(region, lambda xy: xy * scale) if scale != 1 else region

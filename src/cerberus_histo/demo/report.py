@@ -6,14 +6,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import sqlite3
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .io.files import atomic_write_bytes
+from ..io.files import atomic_write_bytes, write_png
 
 TASKS = ("nuclei", "gland", "lumen", "tissue")
 
@@ -46,8 +45,8 @@ def _clean(v):
 
 def model_config(folder: Path):
     """The :class:`~cerberus_histo.config.ModelConfig` of a model folder, without loading torch."""
-    from .config import ModelConfig
-    from .io.files import read_yaml_mapping
+    from ..config import ModelConfig
+    from ..io.files import read_yaml_mapping
 
     return ModelConfig.from_dict(read_yaml_mapping(Path(folder) / "model.yaml")["model"])
 
@@ -69,8 +68,8 @@ def _lut(inst: np.ndarray, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def truth_results(truth: dict[str, dict]) -> dict:
     """Post-processing-shaped results (task -> TaskResult) of a synthetic tile's truth, for the overlay."""
-    from .postproc import TaskResult
-    from .postproc.records import measure
+    from ..postproc import TaskResult
+    from ..postproc.records import measure
 
     res = {}
     for task, n_cls in (("gland", 3), ("nuclei", 7)):
@@ -94,21 +93,16 @@ def _label(img: np.ndarray, text: str, bottom: bool = False) -> None:
     cv2.putText(img, text, (6, y), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    atomic_write_bytes(path, buf.tobytes())
-
-
 def compare_figure(image: np.ndarray, truth: dict[str, dict], pred_overlay: np.ndarray, config) -> np.ndarray:
     """``image | truth | prediction`` side by side, the truth drawn exactly as the prediction overlay is."""
-    from .io.export import annotation_records, render_overlay
+    from ..outputs.overlay import render_overlay
+    from ..outputs.records import annotation_records
 
     res = truth_results(truth)
     inst = {k: v for k, v in res.items() if k != "tissue"}
     records = annotation_records(inst, config, mpp=0.5)
-    truth_img = render_overlay(image, records, res, config)
+    class_map = res["tissue"].class_map
+    truth_img = render_overlay(image, records, config, class_map=class_map, cell=image.shape[1] / class_map.shape[1])
     panels = [np.ascontiguousarray(a[:, :, :3]) for a in (image.copy(), truth_img, pred_overlay.copy())]
     for p, text in zip(panels, ("image", "truth", "prediction"), strict=True):
         _label(p, text)
@@ -120,9 +114,9 @@ def evaluate_tiles(out: Path) -> dict:
     """Score the tile predictions of ``out/tiles`` (an ``infer-tile`` output folder, read as it is, as ``cerberus
     evaluate`` does) against ``out/data/test``: ``evaluate`` per task, the JSON of each, and ``image | truth |
     prediction`` pictures."""
-    from .data.dataset import load_dataset
-    from .io.readers import read_image
-    from .metrics.evaluate import evaluate
+    from ..data.dataset import load_dataset
+    from ..io.readers import read_image
+    from ..metrics.evaluate import evaluate
 
     test = out / "data" / "test"
     spec = load_dataset(test)
@@ -180,25 +174,20 @@ def evaluate_slide(slide: Path, store: Path, config, tissue_map: Path | None = N
     paired within 3 µm), object counts (truth vs prediction), and with ``tissue_map`` (the ``X_tissue.png`` class
     map, one pixel per network cell of ``cell`` model pixels) the tissue map's pixel accuracy over the slide's tissue
     fields."""
-    from .data.slide import SlideTruth
-    from .metrics import detection_f1
+    from ..data.slide import SlideTruth
+    from ..metrics import detection_f1
+    from ..outputs.store import AnnotationStore
 
     t0 = time.perf_counter()
     truth = SlideTruth(slide)
     lay = truth.layout
-    names = list(config.task("nuclei").class_names)
-    con = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
-    try:
-        pred_xy, pred_types, pred_counts = [], [], {}
-        for cx, cy, props in con.execute("SELECT cx, cy, properties FROM annotations"):
-            p = json.loads(props)
-            task = p.get("task")
-            pred_counts[task] = pred_counts.get(task, 0) + 1
-            if task == "nuclei":
-                pred_xy.append((cx, cy))
-                pred_types.append(names.index(p["type"]) if p.get("type") in names else 0)
-    finally:
-        con.close()
+    pred_xy, pred_types, pred_counts = [], [], {}
+    with AnnotationStore(store, readonly=True) as db:
+        for rec in db.records(config):
+            pred_counts[rec.task] = pred_counts.get(rec.task, 0) + len(rec)
+            if rec.task == "nuclei":
+                pred_xy.extend(rec.centroid.tolist())
+                pred_types.extend(rec.class_index.tolist())
     inst, classes = truth.read_region("nuclei", 0, 0, lay.width, lay.height)
     ids, true_xy = _centroids(inst)
     del inst

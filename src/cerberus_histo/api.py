@@ -1,0 +1,81 @@
+"""The object users hold: :class:`Cerberus`, the network with the verbs ``load``, ``save``, ``predict_tile``,
+``predict_wsi`` and ``classify_patches``.
+
+It sits above the network (:mod:`.models`) and the inference code (:mod:`.infer`), which know nothing of it: the
+``nn.Module`` (:class:`~.models.net.CerberusNet`) has only its layers and ``forward``, and inference takes any such
+network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .models.checkpoint import load_model, save_model
+from .models.net import CerberusNet
+
+
+class Cerberus(CerberusNet):
+    """The Cerberus multi-task model built from a :class:`~cerberus_histo.config.ModelConfig` (see
+    :class:`~cerberus_histo.models.net.CerberusNet` for the network and ``forward``).
+
+    Example:
+        >>> model = Cerberus(ModelConfig.preset("original"))
+        >>> logits = model.eval()(torch.zeros(1, 3, 448, 448))      # {"gland-inst": 1x3x448x448, ...}
+        >>> model.save("my_model"); same = Cerberus.load("my_model")
+        >>> result = same.predict_tile(image, mpp=0.5)             # a TilePrediction
+    """
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``model.yaml`` (the config) and ``weights.pt`` (the state dict) into ``folder``."""
+        return save_model(self, folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Cerberus:
+        """Rebuild a model from a folder written by :meth:`save`, or from an original Cerberus model
+        folder (``settings.yml`` + ``weights.tar``), which is converted on the fly. Returned in eval mode."""
+        return load_model(folder, device, cls=cls)
+
+    def classify_patches(self, patches, head: str = "tissue-class", batch_size: int = 64):
+        """Softmax probabilities (``N x C`` float32 NumPy array) of a ``class`` head for RGB patches (an ``N x H x W x
+        3`` uint8 array, or a list of equal-sized ``H x W x 3`` arrays) at the model's mpp, ideally of
+        ``config.class_patch_shape`` pixels: the patch head as trained, one class per patch. Runs on the model's
+        device, in eval mode."""
+        from .infer.engine import classify_patches
+
+        return classify_patches(self, patches, head, batch_size)
+
+    def predict_tile(self, image, mpp: float | None = None, **options):
+        """Instances, type maps and the tissue map of one RGB image (``H x W x 3`` array; RGBA, grey and 16-bit
+        are converted with a warning) as a :class:`~cerberus_histo.infer.results.TilePrediction`.
+
+        ``mpp`` is the image's resolution; when it differs from the model's the image is resampled, and the
+        result's ``scale`` maps its model-resolution coordinates back to image pixels. ``options`` go to
+        :class:`~cerberus_histo.infer.engine.Predictor` (``batch_size``, ``device``, ``precision``, ``tta``,
+        ``geometry`` or ``input_shape``/``output_shape`` ...); the model is put in eval mode and moved to
+        ``device`` in place, like ``model.to``.
+        """
+        from .infer.tiles import predict_tile
+
+        return predict_tile(self, image, mpp=mpp, **options)
+
+    def predict_wsi(self, slide, output="cerberus-wsi", *, mpp: float | None = None, mask=None,
+                    chunk_size: int | None = None, margin_um: float = 256.0, centroids_only: bool = False,
+                    progress: bool = True, **options):
+        """Glands, lumina, nuclei and tissue classes of a whole slide, predicted chunk by chunk with bounded memory
+        and written to ``output`` (a folder): the SQLite store (TIAToolbox), QuPath GeoJSON, summary JSON/CSV,
+        thumbnail overlay, tissue mask and metadata, all in level-0 pixels. Returns a
+        :class:`~cerberus_histo.infer.wsi.WSIResult` (output paths, summary, counts, timings).
+
+        ``mpp`` overrides the slide's level-0 resolution; ``mask`` is a tissue mask image (default: computed);
+        ``chunk_size`` (model px; default: the largest the memory budget allows) and ``margin_um`` set the
+        chunking; a re-run resumes an interrupted slide and skips a finished one. ``options`` go to
+        :func:`~cerberus_histo.infer.wsi.make_predictor` (``batch_size``, ``device``, ``precision``, ``tta``,
+        ``threads``, ``postproc_workers``, ``memory_gb``, ``input_shape``, ``output_shape``; left out, they are
+        chosen for the machine). See ``docs/wsi.md``.
+        """
+        from .infer.wsi import predict_wsi
+
+        return predict_wsi(self, slide, output, mpp=mpp, mask=mask, chunk_size=chunk_size, margin_um=margin_um,
+                           centroids_only=centroids_only, progress=progress, **options)
