@@ -12,7 +12,7 @@ SQL = re.compile(r"\b(SELECT\b.*\bFROM|INSERT INTO|REPLACE INTO|UPDATE \w+ SET|D
                  r"INDEX)|DROP TABLE|ALTER TABLE|PRAGMA \w+)\b", re.S)
 #: each layer imports only from layers below it (and within itself); cycles are checked separately
 LAYERS = (
-    {"_version", "errors", "tasks", "config"},
+    {"_version", "errors", "tasks", "config", "progress"},
     {"io", "data", "models"},
     {"postproc", "metrics", "outputs"},
     {"infer", "train"},

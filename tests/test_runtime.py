@@ -34,8 +34,9 @@ def test_auto_precision_follows_the_hardware(tiny, monkeypatch):
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: False)
     r = rt.plan_runtime(tiny, (256, 256), device="cpu")
     assert r.precision == "fp32" and "no native bf16" in r.why["precision"]
-    r = rt.plan_runtime(tiny, (256, 256), device="cpu", precision="fp16", batch_size=3, postproc_workers=2)
-    assert (r.precision, r.batch_size, r.postproc_workers) == ("fp16", 3, 2) and "precision" not in r.why
+    r = rt.plan_runtime(tiny, (256, 256), device="cpu", precision="bf16", batch_size=3, postproc_workers=2)
+    assert (r.precision, r.batch_size, r.postproc_workers) == ("bf16", 3, 2) and "precision" not in r.why
+    # fp16 on a CPU (no fp16 arithmetic there) is replaced, with a warning: tests/test_messages.py
 
 
 def test_settings_line_names_every_choice(tiny, monkeypatch):

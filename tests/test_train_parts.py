@@ -145,3 +145,24 @@ def test_training_samples_from_patches(tmp_path):
         present = [h for h in model.head_names if batch[f"has/{h}"].any()]
         total, _ = multitask_loss(cfg, model(batch["image"], heads=present), batch)
         assert torch.isfinite(total)
+
+
+def test_params_for_heads_this_run_lacks_are_ignored_and_typos_refused():
+    """One params.yaml serves runs of several head sets (docs/training.md): known heads the run does not train are
+    ignored with a warning; a name that is no head at all is a one-line error."""
+    import warnings
+
+    from cerberus_histo.errors import ConfigError
+    from cerberus_histo.train.config import TrainConfig
+    from cerberus_histo.train.run import _with_overrides
+
+    cfg = ModelConfig.preset("nuclei", encoder="tiny")
+    shared = TrainConfig(heads={"gland-inst": {"loss_weight": 1.4}, "nuclei-inst": {"loss_weight": 2.0}},
+                 class_weights={"nuclei": [0, 12, 1, 2, 6, 12, 2]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _with_overrides(cfg, shared)
+    assert [str(w.message) for w in caught] == ["params: gland-inst not in this run's model; ignored"]
+    assert out.task("nuclei").head("inst").loss_weight == 2.0
+    with pytest.raises(ConfigError, match="no head or task gland-typ;"):
+        _with_overrides(cfg, TrainConfig(heads={"gland-typ": {"loss_weight": 1.0}}))

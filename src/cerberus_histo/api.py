@@ -20,12 +20,19 @@ class Cerberus(CerberusNet):
     """The Cerberus multi-task model built from a :class:`~cerberus_histo.config.ModelConfig` (see
     :class:`~cerberus_histo.models.net.CerberusNet` for the network and ``forward``).
 
+    A new model is in eval mode, ready to predict (``model.train()`` before training it by hand; ``cerberus train``
+    and Lightning do that themselves).
+
     Example:
         >>> model = Cerberus(ModelConfig.preset("original"))
-        >>> logits = model.eval()(torch.zeros(1, 3, 448, 448))      # {"gland-inst": 1x3x448x448, ...}
+        >>> logits = model(torch.zeros(1, 3, 448, 448))      # {"gland-inst": 1x3x448x448, ...}
         >>> model.save("my_model"); same = Cerberus.load("my_model")
         >>> result = same.predict_tile(image, mpp=0.5)             # a TilePrediction
     """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.eval()
 
     def save(self, folder: str | Path) -> Path:
         """Write ``model.yaml`` (the config) and ``weights.pt`` (the state dict) into ``folder``."""
@@ -48,7 +55,8 @@ class Cerberus(CerberusNet):
 
     def predict_tile(self, image, mpp: float | None = None, **options):
         """Instances, type maps and the tissue map of one RGB image (``H x W x 3`` array; RGBA, grey and 16-bit
-        are converted with a warning) as a :class:`~cerberus_histo.infer.results.TilePrediction`.
+        are converted with a warning) as a :class:`~cerberus_histo.infer.results.TilePrediction`, from the model's
+        trusted heads only (:attr:`trusted_heads`: a head never trained is not run; docs/outputs.md).
 
         ``mpp`` is the image's resolution; when it differs from the model's the image is resampled, and the
         result's ``scale`` maps its model-resolution coordinates back to image pixels. ``options`` go to
@@ -70,7 +78,8 @@ class Cerberus(CerberusNet):
 
         ``mpp`` overrides the slide's level-0 resolution; ``mask`` is a tissue mask image (default: computed);
         ``chunk_size`` (model px; default: the largest the memory budget allows) and ``margin_um`` set the
-        chunking; a re-run resumes an interrupted slide and skips a finished one. ``options`` go to
+        chunking; a re-run resumes an interrupted slide, skips one finished with the same settings and redoes one
+        finished with others (docs/wsi.md). ``options`` go to
         :func:`~cerberus_histo.infer.wsi.make_predictor` (``batch_size``, ``device``, ``precision``, ``tta``,
         ``threads``, ``postproc_workers``, ``memory_gb``, ``input_shape``, ``output_shape``; left out, they are
         chosen for the machine). See ``docs/wsi.md``.

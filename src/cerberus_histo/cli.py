@@ -40,17 +40,34 @@ def main():
     """Cerberus: glands, lumina, nuclei and tissue types in H&E images with one multi-task network."""
 
 
-def _describe(model) -> str:
+def _aligned(rows) -> str:
+    """``(key, value)`` rows as ``key  value`` lines, the values in one column at least two spaces after the longest
+    key."""
+    rows = [(str(k), str(v)) for k, v in rows]
+    width = max((len(k) for k, _ in rows), default=0) + 2
+    return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
+
+
+def _describe(model, *more) -> str:
+    """The ``cerberus info`` lines of ``model`` (and the ``(key, value)`` rows ``more``), aligned."""
     cfg = model.config
-    lines = [f"encoder      {cfg.encoder} (stem stride {cfg.stem_stride}, input / {cfg.norm.divisor:g})",
-             f"resolution   {cfg.mpp} um/px, patch {cfg.patch_shape} px, class patch {cfg.class_patch_shape} px",
-             f"parameters   {model.num_parameters():,}"]
+    lines = [("encoder", f"{cfg.encoder} (stem stride {cfg.stem_stride}, input / {cfg.norm.divisor:g})"),
+             ("resolution", f"{cfg.mpp} um/px, patch {cfg.patch_shape} px, class patch {cfg.class_patch_shape} px"),
+             ("parameters", f"{model.num_parameters():,}")]
+    trusted = model.trusted_heads  # the provenance's trained_heads; every head without one
     for task in cfg.tasks:
-        heads = ", ".join(f"{k} ({task.num_outputs(k)})" for k in task.kinds)
-        lines.append(f"task {task.name:<8}{heads}; classes: {', '.join(task.class_names)}")
-    for key, value in model.provenance.items():
-        lines.append(f"{key:<13}{value}")
-    return "\n".join(lines)
+        heads = ", ".join(f"{k} ({task.num_outputs(k)}{'' if f'{task.name}-{k}' in trusted else ', never trained'})"
+                          for k in task.kinds)
+        named = len(task.class_names) == 2 or any(f"{task.name}-{k}" in trusted for k in ("type", "class"))
+        classes = (", ".join(task.class_names) if named else "none (its class head was never trained)"
+                   if "class" in task.kinds else "none (no trained type head: instances are untyped)")
+        lines.append((f"task {task.name}", f"{heads}; classes: {classes}"))
+    untrained = [h for h in model.head_names if h not in trusted]
+    lines.append(("trusted", f"{', '.join(trusted) or 'no head'}"
+                  + (f"; never trained, so not run and nothing written: {', '.join(untrained)}" if untrained
+                     else " (every head)")))
+    lines += list(model.provenance.items()) + list(more)
+    return _aligned(lines)
 
 
 @main.command("import-original")
@@ -68,26 +85,32 @@ def import_original_cmd(src: Path, dst: Path, force: bool):
         raise CerberusError(f"{dst} already holds a model; pass --force to replace it or choose another folder")
     model = import_original(src)
     save_model(model, dst)
-    click.echo(_describe(model))
-    click.echo(f"saved        {dst}")
+    click.echo(_describe(model, ("saved", dst)))
 
 
 @main.command("info")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 def info_cmd(model_dir: Path):
-    """Describe a model folder (a Cerberus model or an original release): encoder, tasks, heads, classes."""
+    """Describe a model folder (a Cerberus model or an original release): encoder, tasks, heads, classes, and which
+    heads are trusted (trained; inference runs and writes only these)."""
     from .models.checkpoint import load_model
 
     click.echo(_describe(load_model(model_dir)))
 
 
-@main.command("import-dataset")
+_IMPORT_DATASET_HELP = (
+    "Convert a public dataset (FORMAT) at SRC into the common layout at DST, with splits and dataset.yaml.\n\n"
+    "\b\nFORMAT is one of:\n" + "\n".join(f"  {name:<8} {text}" for name, (_, _, text) in FORMATS.items()))
+
+
+@main.command("import-dataset", help=_IMPORT_DATASET_HELP)
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(list(FORMATS)))
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--mpp", type=float, default=None, help="Override the dataset's resolution (microns per pixel).")
 def import_dataset_cmd(fmt: str, src: Path, dst: Path, mpp: float | None):
-    """Convert a public dataset (FORMAT) at SRC into the common layout at DST, with splits and dataset.yaml."""
+    """Convert a public dataset (FORMAT) at SRC into the common layout at DST, with splits and dataset.yaml
+    (``--help`` lists the formats, from :data:`~cerberus_histo.data.formats.FORMATS`)."""
     from .data.formats import import_dataset
 
     spec = import_dataset(fmt, src, dst, mpp=mpp)
@@ -230,8 +253,10 @@ def _task_options(f):
 @click.option("--num-nodes", type=int, default=1, show_default=True)
 @click.option("--resume", default=None, is_flag=False, flag_value="last",
               help="Continue from a checkpoint (default: LOG_DIR/checkpoints/last.ckpt).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --log-dir (its checkpoints, logs, models and extracted patches).")
 def train_cmd(mix, fold, log_dir, params, pretrained, subtype, max_steps, precision, accelerator, devices,
-              num_nodes, resume, **tasks):
+              num_nodes, resume, overwrite, **tasks):
     """Train one multi-task model from separately labelled datasets (see docs/training.md)."""
     from .train.config import TrainConfig
     from .train.datamodule import Source
@@ -259,11 +284,15 @@ def train_cmd(mix, fold, log_dir, params, pretrained, subtype, max_steps, precis
         cfg = cfg.replace(precision=precision)
     dev = int(devices) if str(devices).isdigit() else devices
     summary = train(sources, log_dir, cfg, fold=fold, mix=mix, pretrained=pretrained, subtype=subtype,
-                    accelerator=accelerator, devices=dev, num_nodes=num_nodes, resume=resume)
+                    accelerator=accelerator, devices=dev, num_nodes=num_nodes, resume=resume, overwrite=overwrite)
     if summary is not None:
         val = ", ".join(f"{k} {v:.3f}" for k, v in summary["validation"].items() if not k.endswith("/dice"))
-        click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
-                   f"({summary['samples_per_second']:.1f} samples/s); validation: {val or 'none'}")
+        start, steps = summary["resumed_from_step"], summary["steps"]
+        ran = steps - start  # this run's steps; a resumed run's earlier ones are in the checkpoint
+        click.echo(f"trained {ran} step{'s' * (ran != 1)}"
+                   + (f" ({steps} in all, resumed from step {start})" if start else "")
+                   + f" in {summary['seconds']:.0f} s ({summary['samples_per_second']:.1f} samples/s); "
+                   f"validation: {val or 'none'}")
         click.echo(f"model: {log_dir / 'model'}")
 
 
@@ -386,7 +415,7 @@ def infer_tile_cmd(model_dir, input_path, output, workers, formats, **params):
 def infer_wsi_cmd(model_dir, inputs, output, mask, workers, scheduler, chunk_size, memory_gb, margin_um,
                   postproc_workers, **params):
     """Segment and classify glands, lumina, nuclei and tissue in whole slides, chunk by chunk; re-runs resume
-    unfinished slides and skip finished ones (see docs/wsi.md)."""
+    unfinished slides, skip those finished with the same settings and redo the others (see docs/wsi.md)."""
     from .infer.cohort import infer_wsi
 
     opts = _run_settings(params, chunk_size=chunk_size, memory_gb=memory_gb, margin_um=margin_um,

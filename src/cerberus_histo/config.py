@@ -142,3 +142,15 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "nuclei": ("nuclei inst+type", ("nuclei",)),
     "tissue": ("tissue-type patch classification", ("tissue",)),
 }
+
+
+def trusted_heads(config: ModelConfig, provenance: dict | None = None) -> tuple[str, ...]:
+    """The heads of ``config`` whose outputs are written: those named by the provenance's ``trained_heads`` (a
+    model folder's ``model.yaml``; a comma-separated string or a list), in the config's order. A model without
+    ``trained_heads`` (an original release, a freshly built model) trusts every head. A head that was never trained
+    has random weights: its outputs are never written (docs/outputs.md)."""
+    named = (provenance or {}).get("trained_heads")
+    if named is None:
+        return config.head_names
+    names = {s.strip() for s in (named.split(",") if isinstance(named, str) else named) if str(s).strip()}
+    return tuple(h for h in config.head_names if h in names)

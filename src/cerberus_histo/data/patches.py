@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import CerberusError
+from ..io.files import json_text
 from ..io.readers import resize
 from .dataset import DatasetSpec, atomic_write_bytes, load_dataset
 from .resolution import far_message, resample_annotation, resample_map, same_mpp, scaled_shape
@@ -128,7 +129,7 @@ def _check_meta(folder: Path, meta: dict) -> None:
         if any(folder.rglob("*.npz")):
             raise CerberusError(f"{folder} holds patches of unknown settings (no {META_FILE}); choose another --out "
                                 "or remove that folder")
-        atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(folder / META_FILE, json_text(meta, indent=2).encode())
     elif any(old.get(k) != meta[k] and not (k == "mpp" and same_mpp(old[k], meta[k])) for k in keys):
         was = ", ".join(f"{k} {old.get(k)}" for k in keys)
         now = ", ".join(f"{k} {meta[k]}" for k in keys)
@@ -191,7 +192,7 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
                 written.append(fname)
         report.images += 1
         report.patches += len(written)
-        atomic_write_bytes(marker, json.dumps({"patches": written, "image_mpp": image_mpps[name],
+        atomic_write_bytes(marker, json_text({"patches": written, "image_mpp": image_mpps[name],
                                                "mpp": to_mpp}).encode())
     return report
 

@@ -28,6 +28,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from ..errors import CerberusError
+from ..io.files import json_text
 from .dataset import atomic_write_bytes
 from .synthetic import synth_tile
 
@@ -190,7 +191,7 @@ def _write_truth(slide: Path, layout: SlideLayout, fields) -> None:
     np.savez_compressed(buf, **data)
     atomic_write_bytes(arrays, buf.getvalue())
     doc = {"format": "cerberus synthetic slide truth", "version": 1, "id_stride": ID_STRIDE, "layout": asdict(layout)}
-    atomic_write_bytes(meta, json.dumps(doc).encode())
+    atomic_write_bytes(meta, json_text(doc).encode())
 
 
 class SlideTruth:

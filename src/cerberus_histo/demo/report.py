@@ -4,7 +4,6 @@ prediction, the printed tables and the ``index.md`` / ``index.html`` pages. No t
 from __future__ import annotations
 
 import html
-import json
 import math
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..io.files import atomic_write_bytes, write_png
+from ..io.files import atomic_write_bytes, json_ready, write_json, write_png
 
 TASKS = ("nuclei", "gland", "lumen", "tissue")
 
@@ -31,16 +30,8 @@ HEADLINE = {
 
 
 def _clean(v):
-    """JSON-ready: NaN -> None, numpy scalars -> Python."""
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+    """JSON-ready: NaN -> None, numpy scalars -> Python (:func:`~cerberus_histo.io.files.json_ready`)."""
+    return json_ready(v)
 
 
 def model_config(folder: Path):
@@ -49,6 +40,20 @@ def model_config(folder: Path):
     from ..io.files import read_yaml_mapping
 
     return ModelConfig.from_dict(read_yaml_mapping(Path(folder) / "model.yaml")["model"])
+
+
+def model_heads(folder: Path) -> tuple[str, ...]:
+    """The trusted heads of a model folder (:func:`~cerberus_histo.config.trusted_heads`), without loading torch."""
+    from ..config import trusted_heads
+    from ..io.files import read_yaml_mapping
+
+    return trusted_heads(model_config(folder), read_yaml_mapping(Path(folder) / "model.yaml").get("provenance"))
+
+
+def untrained(config, task: str, heads) -> list[str]:
+    """The heads of ``task`` that are not among the trusted ``heads`` (never trained: their outputs are not
+    written); the first is the ``inst``/``class`` head when that one is."""
+    return [h for h in config.task(task).head_names if h not in heads]
 
 
 # ---- held-out tiles --------------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ def evaluate_tiles(out: Path) -> dict:
     test = out / "data" / "test"
     spec = load_dataset(test)
     ev = out / "evaluation"
-    config = model_config(out / "train" / "model")
+    config, heads = model_config(out / "train" / "model"), model_heads(out / "train" / "model")
     names = sorted(spec.names())
     pictures = {}
     for name in names:
@@ -132,20 +137,28 @@ def evaluate_tiles(out: Path) -> dict:
         pictures[name] = str(pic.relative_to(out))
     metrics, files = {}, {}
     for task in TASKS:
+        missing = untrained(config, task, heads)
+        if missing and missing[0] in ("tissue-class", f"{task}-inst"):
+            metrics[task] = {"untrained": missing}  # nothing predicted: nothing to score
+            continue
         r = evaluate(task, out / "tiles", test)
         s = r["summary"]
         if task == "nuclei" and s.get("f1_per_class"):
             s["type_f1"] = _nanmean(list(s["f1_per_class"].values()))
         path = ev / f"{task}.json"
-        atomic_write_bytes(path, json.dumps(_clean(r), indent=2).encode())
+        write_json(path, r)
         files[task] = str(path.relative_to(out))
         metrics[task] = {key: _clean(s.get(key)) for _, key in HEADLINE[task]}
         metrics[task]["images"] = r["n_images"]
+        if missing:  # e.g. a type head never trained: what needs it is not scored
+            metrics[task]["untrained"] = missing
     counts = {}
     for name in names:
         t = _truth(spec, name)
         with np.load(out / "tiles" / f"{name}.npz") as z:
             for task in ("gland", "lumen", "nuclei"):
+                if f"{task}_inst" not in z.files:  # a head never trained writes nothing
+                    continue
                 c = counts.setdefault(task, [0, 0])
                 c[0] += len(t[task]["id"])
                 c[1] += len(np.unique(z[f"{task}_inst"])) - (1 if (z[f"{task}_inst"] == 0).any() else 0)
@@ -169,11 +182,12 @@ def _centroids(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, xy
 
 
-def evaluate_slide(slide: Path, store: Path, config, tissue_map: Path | None = None, cell: int = 16) -> dict:
+def evaluate_slide(slide: Path, store: Path, config, tissue_map: Path | None = None, cell: int = 16,
+                   heads=None) -> dict:
     """Nuclei detection F1 / type F1 of the slide's store against the synthetic slide's ground truth (centroids
     paired within 3 µm), object counts (truth vs prediction), and with ``tissue_map`` (the ``X_tissue.png`` class
     map, one pixel per network cell of ``cell`` model pixels) the tissue map's pixel accuracy over the slide's tissue
-    fields."""
+    fields. Without a trusted ``nuclei-type`` head (``heads``, default every head) types are not scored."""
     from ..data.slide import SlideTruth
     from ..metrics import detection_f1
     from ..outputs.store import AnnotationStore
@@ -192,8 +206,9 @@ def evaluate_slide(slide: Path, store: Path, config, tissue_map: Path | None = N
     ids, true_xy = _centroids(inst)
     del inst
     true_types = np.array([classes[int(i)] for i in ids], np.int64)
-    d = detection_f1(true_xy, true_types, np.asarray(pred_xy, float).reshape(-1, 2), np.asarray(pred_types, np.int64),
-                     radius_um=3.0, mpp=lay.mpp)
+    typed = heads is None or "nuclei-type" in heads
+    d = detection_f1(true_xy, true_types if typed else None, np.asarray(pred_xy, float).reshape(-1, 2),
+                     np.asarray(pred_types, np.int64) if typed else None, radius_um=3.0, mpp=lay.mpp)
     counts = {"nuclei": [len(ids), pred_counts.get("nuclei", 0)]}
     for task in ("gland", "lumen"):
         g, _ = truth.read_region(task, 0, 0, lay.width, lay.height)
@@ -240,7 +255,8 @@ def print_results(report: dict) -> None:
         for task in TASKS:
             m = e["metrics"][task]
             cells = "  ".join(f"{label} {_num(m.get(key))}" for label, key in HEADLINE[task])
-            print(f"  {task:<7} {cells}")
+            print(f"  {task:<7} {cells}" + (f"  (never trained: {', '.join(m['untrained'])})" if m.get("untrained")
+                                            else ""))
     if "wsi" in res:
         w = res["wsi"]
         ev = w.get("evaluation", {})
@@ -402,6 +418,9 @@ def write_index(out: Path, report: dict) -> None:
                + ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in e["objects_true_pred"].items()) + ".")
         for task in TASKS:
             mt = e["metrics"][task]
+            if mt.get("untrained"):
+                page.p(f"{task}: head(s) {', '.join(mt['untrained'])} never trained: they write nothing, and what "
+                       "needs them is not scored (n/a).")
             page.table([task, "value"], [[label, _num(mt.get(key))] for label, key in HEADLINE[task]])
         page.links([(p, "all metrics, per image") for p in e["files"].values()])
         page.p("Reproduce from the command line:")

@@ -267,12 +267,12 @@ def _train(ctx: _Context) -> dict:
 def _train_clock(seconds: float, stop: threading.Event, progress: bool) -> None:
     """A progress bar over the training budget (Lightning's own bar counts steps towards a limit that the
     time budget, not the step count, ends)."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     total = max(1, round(seconds))
     t0 = time.perf_counter()
-    with tqdm(total=total, desc="train", unit="s", disable=not progress, file=sys.stderr,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of training{postfix}") as bar:
+    with progress_bar(total=total, desc="train", unit="s", progress=progress,
+                      bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of training{postfix}") as bar:
         while not stop.wait(1.0):
             elapsed = time.perf_counter() - t0
             bar.n = min(total, int(elapsed))
@@ -324,6 +324,8 @@ def _evaluate(ctx: _Context) -> dict:
     # the patch head on held-out 144-px patches, as trained: the dense map's pixel accuracy should come close; and
     # the same weighted by the tiles' class mix (each class's patch recall x its share of the tiles' pixels)
     model = load_model(ctx.model_dir)
+    if "tissue-class" not in model.trusted_heads:  # never trained: not scored (the page says so)
+        return result
     pred, truth = classify_patch_set(model, load_dataset(ctx.out / "data" / "test-patches"))
     right = pred == truth
     test = load_dataset(ctx.out / "data" / "test")
@@ -366,8 +368,9 @@ def _wsi(ctx: _Context) -> dict:
            "timings_s": {k: round(float(v), 2) for k, v in res.timings.items()},
            "files": {k: str(Path(p).relative_to(ctx.out)) for k, p in res.paths.items()},
            "window": f"1024/{output_shape}"}
+    tissue = out["files"].get("tissue")  # none without a trained tissue head
     out["evaluation"] = evaluate_slide(ctx.slide_path, ctx.out / out["files"]["store"], model.config,
-                                       ctx.out / out["files"]["tissue"], cell)
+                                       tissue and ctx.out / tissue, cell, model.trusted_heads)
     return out
 
 
@@ -491,20 +494,9 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from ..io.files import atomic_write_bytes
-    from .report import _clean
+    from ..io.files import write_json
 
-    atomic_write_bytes(path, json.dumps(_clean(data), indent=2, default=_json_default).encode())  # NaN -> null
-
-
-def _json_default(v):
-    import numpy as np
-
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, Path):
-        return str(v)
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+    write_json(path, data)  # strict JSON: NaN -> null, numpy scalars and paths as JSON values
 
 
 def quick_settings(**changes) -> DemoSettings:

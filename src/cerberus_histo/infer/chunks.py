@@ -153,8 +153,9 @@ def own_chunk(job: dict) -> dict:
     """Post-process one chunk's extended region and keep what the chunk owns (see the module docstring).
 
     ``job``: ``chunk``, ``probs`` (head -> map of the extended region), ``mpp`` (model), ``cell``, ``size``
-    (slide ``(width, height)`` in model px), ``slide_mpp``, ``config`` and ``region`` (the user's mask around
-    the extended region as a shapely geometry in level-0 pixels, or None). Returns ``records`` (task ->
+    (slide ``(width, height)`` in model px), ``slide_mpp``, ``config``, ``heads`` (the model's trusted heads: the
+    maps of any other head are ignored; default every head) and ``region`` (the user's mask around the extended
+    region as a shapely geometry in level-0 pixels, or None). Returns ``records`` (task ->
     :class:`~cerberus_histo.outputs.records.AnnotationRecords` in level-0 pixels, inside ``region``), ``cells``
     (uint8 tissue classes of the core's cells, or None), ``cell_origin`` (row, col of its first cell),
     ``dropped`` (owned instances cut by the extended border) and ``seconds``.
@@ -166,7 +167,8 @@ def own_chunk(job: dict) -> dict:
     width, height = job["size"]
     ex0, ey0, ex1, ey1 = chunk.ext
     cx0, cy0, cx1, cy1 = chunk.core
-    probs = job["probs"]
+    heads = job.get("heads") or job["config"].head_names
+    probs = {k: v for k, v in job["probs"].items() if k in heads}
     results = postprocess({k: v for k, v in probs.items() if k != "tissue-class"}, job["mpp"])
     owned: dict[str, TaskResult] = {}
     gland_ids: np.ndarray | None = None
@@ -191,7 +193,8 @@ def own_chunk(job: dict) -> dict:
         dropped += int((mine & cut).sum())
         owned[task] = TaskResult(instances=_subset(inst, mine & ~cut, ids, parents))
     scale = job["mpp"] / job["slide_mpp"]
-    records = annotation_records(owned, job["config"], job["slide_mpp"], scale, (ex0 * scale, ey0 * scale))
+    records = annotation_records(owned, job["config"], job["slide_mpp"], scale, (ex0 * scale, ey0 * scale),
+                                 heads=heads)
     if job.get("region") is not None:
         records = {t: clip_records(r, job["region"], job["slide_mpp"]) for t, r in records.items()}
     cells = None

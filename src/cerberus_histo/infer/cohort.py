@@ -1,7 +1,8 @@
 """Many slides: ``cerberus infer-wsi``, one slide after another in this process or one slide per Dask worker.
 
 :func:`infer_wsi` expands the inputs (files, folders, glob patterns), skips slides whose completion marker
-exists, and runs :func:`run_slide` per slide: here (the model loaded once), on a :class:`~dask.distributed.
+records this run's settings (:func:`~.wsi.slide_key`; the others are redone, with one line naming what changed),
+and runs :func:`run_slide` per slide: here (the model loaded once), on a :class:`~dask.distributed.
 LocalCluster` of ``workers`` processes, or on a running cluster at ``scheduler``. A slide that fails (missing,
 corrupt, no mpp, unreadable mask, out of memory...) is reported with its reason and the others go on; the
 returned :class:`CohortSummary` has one :class:`SlideStatus` per slide and renders the final table.
@@ -14,15 +15,15 @@ GPUs: each worker process uses one device. On a LocalCluster with ``--device cud
 from __future__ import annotations
 
 import glob
-import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CerberusError
 from .options import RunOptions
-from .pool import check_output, echo, one_line, output_stems, read_marker
+from .pool import NO_GUARD, check_output, echo, one_line, output_stems, read_marker, redone_line, spawn_safe
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".png",
                   ".jpg", ".jpeg", ".bmp")
@@ -144,8 +145,9 @@ def _predictor(run: CohortRun, device: str):
 
 
 def run_slide(path: str | Path, stem: str, mask: str | Path | None, run: CohortRun,
-              echo: Callable[[str], None] | None = None) -> SlideStatus:
-    """Predict one slide (what a worker runs); any failure becomes a ``failed`` status with a one-line reason."""
+              echo: Callable[[str], None] | None = None, said: bool = False) -> SlideStatus:
+    """Predict one slide (what a worker runs); any failure becomes a ``failed`` status with a one-line reason.
+    ``said``: the cohort has said that the slide is redone with other settings (the slide does not say it again)."""
     from .wsi import predict_slide
 
     t0 = time.perf_counter()
@@ -156,7 +158,7 @@ def run_slide(path: str | Path, stem: str, mask: str | Path | None, run: CohortR
         res = predict_slide(predictor, config, path, run.output, run.options, stem=stem,
                             mask=lambda: mask_for(mask, path, stem), model_id=model_id,
                             metadata={"model_dir": str(run.model_dir), "device": str(predictor.device),
-                                      "runtime": predictor.runtime.line()}, **kwargs)
+                                      "runtime": predictor.runtime.line()}, redo_line=not said, **kwargs)
     except Exception as exc:  # one slide's failure must not stop the others
         return SlideStatus(path.name, "failed", 0, time.perf_counter() - t0, one_line(exc))
     return SlideStatus(path.name, "skipped" if res.skipped else "done", res.objects, time.perf_counter() - t0)
@@ -182,6 +184,9 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
         raise CerberusError(f"--workers must be 0 (this process) or a number of Dask worker processes, got {workers!r}")
     if workers and scheduler:
         raise CerberusError("pass --workers (start a local Dask cluster) or --scheduler (use a running one), not both")
+    if workers and not spawn_safe():
+        warnings.warn(NO_GUARD.format(what="slides run one after another"), stacklevel=2)
+        workers = 0
     slides = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
     if mask is not None and not Path(mask).is_dir() and len(slides) > 1:
         raise CerberusError(f"--mask {mask} is one file but there are {len(slides)} slides; pass a folder of masks "
@@ -201,24 +206,34 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
         opts = opts.replace(threads=threads, postproc_workers=postproc)
     run = CohortRun(str(model_dir), str(output), opts)
     # fail early on a bad model or options, before any slide; state what was chosen
-    predictor = _predictor(run, "cpu" if workers or scheduler else opts.device)[0]
+    built = _predictor(run, "cpu" if workers or scheduler else opts.device)
+    predictor = built[0]
     echo("settings are chosen by each Dask worker for its machine (see each slide's metadata)"
          if workers or scheduler else predictor.runtime.line())
+    untrained = [h for h in predictor.model.head_names if h not in predictor.heads]
+    if untrained:
+        echo(f"heads never trained (not run, nothing written): {', '.join(untrained)}")
     stems = output_stems(slides)
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     summary = CohortSummary(output)
     rows: dict[Path, SlideStatus] = {}
-    todo = []
-    for p in slides:
+    todo, redo = [], {}
+    precision = _workers_precision(predictor, opts, workers, scheduler)
+    for p in slides:  # the comparison predict_slide makes, here for every mode (Dask workers get only the others)
         done = read_marker(output, stems[p])
-        if done is not None:
+        changed = _redo_reasons(done, built, opts, p, stems[p], mask, precision)
+        if changed == []:
             counts = done.get("counts") if isinstance(done.get("counts"), dict) else {}
             rows[p] = SlideStatus(p.name, "skipped", int(sum(v for k, v in counts.items() if k != "tissue")))
-        else:
-            todo.append(p)
-    bar = tqdm(total=len(slides), initial=len(slides) - len(todo), unit="slide", desc="infer-wsi",
-               disable=not progress, file=sys.stderr)
+            continue
+        todo.append(p)
+        if changed:
+            redo[p] = changed
+    if redo:
+        echo(redone_line(redo))
+    bar = progress_bar(total=len(slides), initial=len(slides) - len(todo), unit="slide", desc="infer-wsi",
+                       progress=progress)
 
     def record(p: Path, status: SlideStatus) -> None:
         rows[p] = status
@@ -228,19 +243,56 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
 
     try:
         if todo and (workers or scheduler):
-            _run_dask(todo, stems, mask, run, workers, scheduler, record)
+            _run_dask(todo, stems, mask, run, workers, scheduler, record, set(redo))
         else:
             for p in todo:
-                record(p, run_slide(p, stems[p], mask, run, echo))
+                record(p, run_slide(p, stems[p], mask, run, echo, said=p in redo))
     finally:
         bar.close()
     summary.rows = [rows[p] for p in slides]
     return summary
 
 
+def _workers_precision(predictor, opts: RunOptions, workers: int, scheduler: str | None) -> str | None:
+    """The precision the slides of this run will use: this process's predictor's when they run here; on a
+    LocalCluster, the one ``opts.precision`` becomes on ``opts.device`` (the parent's predictor is on the CPU);
+    None where a cluster's workers choose it for machines this process cannot see (``--scheduler`` and
+    ``--precision auto``, or ``fp16`` that a CPU worker would change)."""
+    if not (workers or scheduler):
+        return predictor.precision
+    if scheduler:
+        return opts.precision if opts.precision in ("fp32", "bf16") else None
+    from .runtime import resolve_device, resolve_precision
+
+    return resolve_precision(resolve_device(opts.device), opts.precision)[0]
+
+
+def _redo_reasons(done: dict | None, built: tuple, options: RunOptions, path: Path, stem: str, mask,
+                  precision: str | None) -> list[str] | None:
+    """:func:`~.wsi.redo_reasons` of one slide of the cohort, decided as its :func:`~.wsi.predict_slide` will
+    decide it (``built``: this process's ``(predictor, config, model_id)``; ``precision``: the one the slide will
+    run in, None when unknown here). Where the precision is unknown and nothing else changed, the slide goes to a
+    worker, which compares the precision too: None (nothing to say here)."""
+    from ..outputs.records import known_heads
+    from .wsi import redo_reasons, slide_key
+
+    if done is None:
+        return None
+    predictor, config, model_id = built
+    used = precision
+    if used is None:  # unknown here: the recorded one, so that every other setting is compared
+        settings = done.get("settings")
+        used = settings.get("precision", "") if isinstance(settings, dict) else ""
+    key = slide_key(predictor, config, model_id, options, path.name, lambda: mask_for(mask, path, stem),
+                    known_heads(config, predictor.heads), used)
+    changed = redo_reasons(done, key)
+    return None if changed == [] and precision is None else changed
+
+
 def _run_dask(slides: list[Path], stems: dict, mask, run: CohortRun, workers: int, scheduler: str | None,
-              record: Callable[[Path, SlideStatus], None]) -> None:
-    """One slide per Dask task, on a LocalCluster of ``workers`` processes or the cluster at ``scheduler``."""
+              record: Callable[[Path, SlideStatus], None], said: set[Path] = frozenset()) -> None:
+    """One slide per Dask task, on a LocalCluster of ``workers`` processes or the cluster at ``scheduler``
+    (``said``: the slides whose redoing was said here)."""
     import dask
     from distributed import Client, LocalCluster, as_completed
 
@@ -260,7 +312,7 @@ def _run_dask(slides: list[Path], stems: dict, mask, run: CohortRun, workers: in
             client = Client(cluster)
         with client:
             futures = {client.submit(run_slide, str(p), stems[p], None if mask is None else str(mask), run,
-                                     pure=False, retries=0, key=f"slide-{i}-{stems[p]}"): p
+                                     said=p in said, pure=False, retries=0, key=f"slide-{i}-{stems[p]}"): p
                        for i, p in enumerate(slides)}
             for fut in as_completed(futures):
                 p = futures[fut]

@@ -48,7 +48,8 @@ class Predictor:
         precision: ``"auto"`` (bf16 where the hardware has it natively, else fp32; see :mod:`.runtime`),
             ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast (weights stay fp32).
         tta: average the probabilities of the 4 flips of each window (4x the network time).
-        heads: heads to compute (default all).
+        heads: heads to compute (default: the model's trusted heads, ``model.trusted_heads``: a head its provenance
+            says was never trained is not run, so nothing downstream sees its random outputs).
         prob_dtype: dtype of the returned maps (``np.float16`` halves their memory).
         runtime: settings chosen before (:func:`~.runtime.plan_runtime`); ``device``, ``precision`` and
             ``batch_size`` are then taken from it.
@@ -87,10 +88,13 @@ class Predictor:
         self.batch_size = runtime.batch_size
         self.precision = runtime.precision
         self.tta = bool(tta)
-        self.heads = tuple(model.head_names if heads is None else heads)
+        self.heads = tuple(getattr(model, "trusted_heads", model.head_names) if heads is None else heads)
         unknown = [h for h in self.heads if h not in model.head_names]
         if unknown:
             raise CerberusError(f"no head(s) {unknown} in this model; heads: {', '.join(model.head_names)}")
+        if not self.heads:
+            raise CerberusError(f"none of this model's heads ({', '.join(model.head_names)}) was trained (the "
+                                "trained_heads of its model.yaml name none of them); train it first")
         self.class_heads = {h for h in self.heads if model.config.head(h)[1].kind == "class"}
         self.prob_dtype = np.dtype(prob_dtype)
 

@@ -30,7 +30,7 @@ class RunOptions:
         formats: output formats of a tile run (:data:`~cerberus_histo.outputs.writers.FORMATS`).
         chunk_size: chunk side of a slide run in model pixels (>= 64; None: what fits ``memory_gb``).
         margin_um: context around each chunk of a slide run (µm, > 0).
-        progress: show progress bars.
+        progress: show progress bars (on stderr, and only when it is a terminal: :mod:`cerberus_histo.progress`).
     """
 
     mpp: float | None = None

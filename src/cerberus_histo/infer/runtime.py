@@ -6,7 +6,8 @@ machine"):
 
 * **device** ``auto``: the first CUDA GPU when torch sees one, else the CPU (Apple's ``mps`` only when asked).
 * **precision** ``auto``: bf16 autocast on CUDA GPUs that support it and on CPUs with native bf16 (AVX512-BF16
-  or AMX; elsewhere it is emulated and slower), fp32 everywhere else.
+  or AMX; elsewhere it is emulated and slower), fp32 everywhere else. ``fp16`` asked for on a CPU (which has no
+  fp16 arithmetic: 3-5x slower than fp32) becomes bf16 where it is native, else fp32, with a warning.
 * **layout**: channels_last on CPU and CUDA (faster in every precision measured), the default layout on ``mps``.
 * **batch**: 1 on a CPU (a larger batch costs memory and gains nothing there); on a GPU as many windows as fit
   in 60% of its free memory, at most 16.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +232,22 @@ class Runtime:
                 + (f", memory budget {self.memory_gb:.1f} GB{why('memory')}" if chunks else ""))
 
 
+def resolve_precision(device, precision: str | None = "auto") -> tuple[str, str]:
+    """``(precision, why)``: the precision a run on the torch ``device`` uses when ``precision`` is asked for
+    (``auto``: :func:`auto_precision`; ``fp16`` on a CPU, which has no fp16 arithmetic (3-5x slower than fp32):
+    bf16 where it is native, else fp32); ``why`` is empty where it is the one asked for. Nothing is loaded, so a
+    cohort's parent process can tell what its workers will use (:mod:`.cohort`)."""
+    if precision in (None, "auto"):
+        return auto_precision(device)
+    if precision not in PRECISIONS:
+        raise CerberusError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        native = cpu_has_native_bf16()
+        used, reason = ("bf16", "native bf16 on this CPU") if native else ("fp32", "no native bf16 on this CPU")
+        return used, f"fp16 asked, slow on a CPU; {reason}"
+    return precision, ""
+
+
 def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str = "auto", precision: str = "auto",
                  batch_size: int | None = None, threads: int | None = None, postproc_workers: int | None = None,
                  memory_gb: float | None = None) -> Runtime:
@@ -241,10 +259,13 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
     dev = resolve_device(device)
     if device in (None, "auto"):
         why["device"] = "auto"
-    if precision in (None, "auto"):
-        precision, why["precision"] = auto_precision(dev)
-    elif precision not in PRECISIONS:
-        raise CerberusError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    asked = precision
+    precision, reason = resolve_precision(dev, precision)
+    if reason:
+        why["precision"] = reason
+    if asked == "fp16" and precision != "fp16":
+        warnings.warn(f"--precision fp16 is 3-5x slower than fp32 on a CPU: using {precision} instead "
+                      f"({reason.split('; ')[-1]})", stacklevel=2)
     channels_last = dev.type in ("cpu", "cuda")
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
@@ -284,4 +305,4 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
 
 
 __all__ = ["GB", "PRECISIONS", "Runtime", "auto_precision", "autocast_dtype", "available_bytes", "cpu_cores",
-           "cpu_has_native_bf16", "plan_runtime", "resolve_device", "window_bytes"]
+           "cpu_has_native_bf16", "plan_runtime", "resolve_device", "resolve_precision", "window_bytes"]

@@ -8,15 +8,15 @@ pixels and ``scale`` (image pixels per model pixel) maps them back.
 :func:`infer_tiles` runs the network in this process and post-processing plus writing in a pool of
 ``workers`` processes, so that image ``i``'s post-processing overlaps image ``i + 1``'s inference. Every file is
 written atomically, and a completion marker ``OUTPUT/done/{stem}.json`` (the image's summary: files, counts,
-timings) is written last: a re-run skips the images that have one. An unreadable image is reported on one line and
-the others are still done. This module imports torch only inside the functions that run the network, so the
+timings, and the settings that made it, :func:`~.pool.run_key`) is written last: a re-run skips the images that
+have one made with the same settings and redoes the others, saying so. An unreadable image is reported on one line
+and the others are still done. This module imports torch only inside the functions that run the network, so the
 workers stay light.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +30,19 @@ from ..errors import CerberusError
 from ..io.readers import IMAGE_SUFFIXES, ArrayReader, check_mpp, read_image
 from ..postproc import GlandParams, NucleiParams, TaskResult, postprocess
 from .options import RunOptions
-from .pool import WorkerPool, check_output, echo, one_line, output_stems, read_marker, write_marker
+from .pool import (
+    WorkerPool,
+    changed_settings,
+    check_output,
+    echo,
+    one_line,
+    output_stems,
+    read_marker,
+    redone_line,
+    run_key,
+    weights_id,
+    write_marker,
+)
 from .results import RegionPrediction, TilePrediction
 
 
@@ -134,32 +146,51 @@ def list_images(path: Path) -> list[Path]:
     return files
 
 
-def is_finished(output: Path, stem: str, formats: Iterable[str]) -> bool:
-    """Whether a completion marker exists for ``stem`` and lists every requested format."""
+def is_finished(output: Path, stem: str, formats: Iterable[str], settings: dict | None = None) -> bool:
+    """Whether a completion marker exists for ``stem``, lists every requested format and, when ``settings`` (a
+    :func:`~.pool.run_key`) is given, was made with those settings."""
     done = read_marker(output, stem)
+    return _has_formats(done, formats) and (settings is None or not changed_settings(done.get("settings"), settings))
+
+
+def _has_formats(done: dict | None, formats: Iterable[str]) -> bool:
     return done is not None and set(formats) <= set(done.get("formats", ()))
+
+
+def _recorded_files(done: dict | None) -> list[str]:
+    """The file names a marker lists."""
+    files = (done or {}).get("files")
+    return [v for v in files.values() if isinstance(v, str)] if isinstance(files, dict) else []
 
 
 def finish_tile(job: dict) -> dict:
     """Post-process one image's probabilities, write its outputs and then its completion marker (a worker's
-    task; no torch). Returns the marker's content."""
+    task; no torch). The files of the image's earlier result that this one does not replace (``stale_files``:
+    made with other settings) are removed before the marker is written. Returns the marker's content."""
+    from ..outputs.records import known_results
     from ..outputs.writers import write_outputs
 
     t0 = time.perf_counter()
     pred: RegionPrediction = job["pred"]
-    results = postprocess_region(pred)
+    results = known_results(postprocess_region(pred), job["metadata"]["trusted_heads"])
     t1 = time.perf_counter()
     files = write_outputs(job["output"], job["stem"], results, job["config"], mpp=job["image_mpp"],
                           image=job["image"], scale=job["scale"], formats=job["formats"],
                           centroids_only=job["centroids_only"], cell=pred.cell,
-                          metadata={**job["metadata"], "tissue_cell": pred.cell})
+                          metadata={**job["metadata"], "tissue_cell": pred.cell},
+                          heads=job["metadata"]["trusted_heads"])
     t2 = time.perf_counter()
     timings = dict(job["timings"], **pred.timings, postprocess=t1 - t0, export=t2 - t1)
     counts = {t: len(r.instances) for t, r in results.items() if r.instances is not None}
     marker = {"input": job["source"], "image_shape": list(job["image"].shape[:2]), "image_mpp": job["image_mpp"],
               "model_mpp": pred.mpp, "scale": job["scale"], "formats": list(job["formats"]),
               "files": {k: Path(v).name for k, v in files.items()}, "counts": counts,
-              "timings_s": {k: round(v, 4) for k, v in timings.items()}, **job["metadata"]}
+              "timings_s": {k: round(v, 4) for k, v in timings.items()}, **job["metadata"],
+              "settings": job["settings"]}
+    written = {Path(v).name for v in files.values()}
+    for name in job.get("stale_files", ()):
+        if name not in written and Path(name).name == name:  # a bare file name: never a path out of the folder
+            (Path(job["output"]) / name).unlink(missing_ok=True)
     write_marker(job["output"], job["stem"], marker)
     return marker
 
@@ -171,17 +202,17 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
     the run; left ``None``/``auto`` they are chosen for the machine (:mod:`.runtime`; ``postproc_workers``: the
     cores the network leaves free) and stated through ``echo`` first. Per-image problems are reported through
     ``echo`` and collected in the summary's ``failed``; problems with the model, the options or the output folder
-    raise a one-line :class:`CerberusError` before any work."""
+    raise a one-line :class:`CerberusError` before any work, and before ``output`` is created. An image whose
+    marker was made with other settings (:func:`~.pool.run_key`: the model's weights and config, the images' mpp,
+    the window, ``tta``, the precision used, ``centroids_only``, the trusted heads) is done again, with one line
+    through ``echo`` for all such images."""
     opts = options if options is not None else RunOptions.from_settings(**settings)
     if options is not None and settings:
         raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
     images = list_images(input_path)
     output = check_output(output)
     stems = output_stems(images)
-    todo = [p for p in images if not is_finished(output, stems[p], opts.formats)]
-    summary = TileRunSummary(output, skipped=[p.name for p in images if p not in todo])
-    if not todo:
-        return summary
+    markers = {p: read_marker(output, stems[p]) for p in images}
 
     from ..models.checkpoint import load_model
     from .engine import Predictor
@@ -192,13 +223,29 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
     runtime = plan_runtime(model, (side, side), **opts.runtime_settings())
     predictor = Predictor(model, input_shape=opts.input_shape, output_shape=opts.output_shape, tta=opts.tta,
                           runtime=runtime)
-    echo(runtime.line(chunks=False))
     g = predictor.geometry
-    metadata = {"model_dir": str(model_dir), "mpp_given": opts.mpp is not None, "precision": runtime.precision,
-                "tta": bool(opts.tta), "window": f"{g.input_shape}/{g.output_shape}{' fit' if g.fit else ''}"}
-    from tqdm import tqdm
+    window = f"{g.input_shape}/{g.output_shape}{' fit' if g.fit else ''}"
+    key = run_key(model.config, weights_id(model), window=window, tta=opts.tta, precision=runtime.precision,
+                  heads=list(predictor.heads), mpp=predictor.mpp if opts.mpp is None else opts.mpp,
+                  centroids_only=opts.centroids_only)
+    changed = {p: c for p, m in markers.items() if m is not None and (c := changed_settings(m.get("settings"), key))}
+    todo = [p for p in images if p in changed or not _has_formats(markers[p], opts.formats)]
+    summary = TileRunSummary(output, skipped=[p.name for p in images if p not in todo])
+    if not todo:
+        return summary
+    echo(runtime.line(chunks=False))
+    if changed:
+        echo(redone_line(changed))
+    untrained = [h for h in model.head_names if h not in predictor.heads]
+    if untrained:
+        echo(f"heads never trained (not run, nothing written): {', '.join(untrained)}")
+    # only the trusted heads run (the predictor's default), and every file says only what they know
+    metadata = {"model_dir": str(model_dir), "trusted_heads": list(predictor.heads),
+                "mpp_given": opts.mpp is not None, "precision": runtime.precision,
+                "tta": bool(opts.tta), "window": window}
+    from ..progress import progress_bar
 
-    bar = tqdm(total=len(todo), unit="image", desc="infer-tile", disable=not opts.progress, file=sys.stderr)
+    bar = progress_bar(total=len(todo), unit="image", desc="infer-tile", progress=opts.progress)
 
     def failed(name: str, reason: str, line: str | None = None) -> None:
         summary.failed[name] = reason
@@ -237,7 +284,8 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
                 job = {"pred": pred, "image": rgb, "image_mpp": image_mpp, "scale": scale, "config": model.config,
                        "output": output, "stem": stems[path], "formats": opts.formats,
                        "centroids_only": opts.centroids_only, "metadata": metadata, "source": str(path),
-                       "timings": {"decode": t_read}}
+                       "timings": {"decode": t_read}, "settings": key,
+                       "stale_files": _recorded_files(markers[path]) if path in changed else []}
                 pool.submit(finish_tile, job, path.name)
                 del job, pred  # a worker has its copy: bound the probability maps held here
             pool.drain()

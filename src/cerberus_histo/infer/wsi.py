@@ -14,7 +14,9 @@ A slide run is five stages, read top to bottom in :func:`predict_slide`:
    (:func:`~cerberus_histo.outputs.writers.write_slide_outputs`) and the metadata, rename the store to
    ``{stem}.db``, and write the completion marker ``done/{stem}.json`` last.
 
-A re-run with the same settings skips the committed chunks, and a slide with a marker.
+A re-run with the same settings skips the committed chunks, and a slide whose marker records them
+(:func:`slide_key`, compared by :func:`redo_reasons` before the slide is opened); a slide finished with other
+settings is done again, its files replaced one by one as the run writes them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +37,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import CerberusError
-from ..io.files import atomic_write_bytes
+from ..io.files import write_json
 from ..io.grid import GridReader
 from .chunks import (
     TISSUE_PAD_UM,
@@ -50,12 +52,25 @@ from .chunks import (
     window_keeper,
 )
 from .options import RunOptions
-from .pool import WorkerPool, check_output, echo, marker_path, read_marker, write_marker
+from .pool import (
+    WorkerPool,
+    changed_settings,
+    check_output,
+    echo,
+    marker_path,
+    read_marker,
+    redone_line,
+    run_key,
+    weights_id,
+    write_marker,
+)
 from .tiling import Geometry
 
 MASK_MPP, MASK_MAX_SIDE = 8.0, 2048  # computed tissue masks: 8 um/px, at most 2048 px per side
 DEFAULT_CHUNK = 4096  # model px, for a predictor without a runtime (and so without a memory budget)
 RUN_KEY = "cerberus_run"  # the store's metadata key of a run's settings: a partial store of others is not resumed
+#: the keys of a slide run's timings (seconds per stage, then the device's share of the wall time)
+TIMING_KEYS = ("mask", "read", "infer", "forward", "postprocess", "write", "outputs", "total", "device_utilisation")
 
 
 @dataclass
@@ -66,12 +81,14 @@ class WSIResult:
         slide: the slide file.
         paths: output name -> file: ``store`` (``{stem}.db``), ``geojson``, ``hovernet`` (``{stem}.json``),
             ``summary_json``, ``summary_csv``, ``thumbnail`` (overlay PNG), ``mask`` (tissue mask PNG), ``tissue``
-            (class map PNG, one pixel per cell, values = class index), ``metadata`` (JSON), ``marker``
-            (``done/{stem}.json``).
+            (class map PNG, one pixel per cell, values = class index; none without a trusted tissue head),
+            ``metadata`` (JSON), ``marker`` (``done/{stem}.json``).
         summary: the summary (:func:`~cerberus_histo.outputs.summary.summarize`; docs/outputs.md).
         counts: objects per task in the store.
-        timings: seconds per stage of this run (``mask``, ``read``, ``infer``, ``postprocess``, ``write``,
-            ``outputs``, ``total``) and ``device_utilisation``, the share of the run's wall time the network ran.
+        timings: seconds per stage of the run that finished the slide (``mask``, ``read``, ``infer``, ``forward``,
+            ``postprocess``, ``write``, ``outputs``, ``total``) and ``device_utilisation``, the share of its wall
+            time the network ran. A slide finished before (``skipped``) gives the timings recorded then (from its
+            marker, else its metadata file; NaN where neither has them), with the same keys.
         skipped: True when the slide was finished before and nothing was done.
     """
 
@@ -108,6 +125,61 @@ def software_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+# ---- a finished slide: the settings that made it -----------------------------------------------------------
+FINISHED = ("files", "summary", "counts")  # what the marker of a finished slide holds
+
+
+def mask_id(mask: str | Path | Callable[[], Path | None] | None) -> str:
+    """The tissue mask in a slide's settings: ``computed`` (``mask`` None: computed from the slide alone), else
+    ``sha1:`` and the hash of the user's mask file (``mask``: its path, or a function giving it), so another
+    file or new contents at the same path are another mask; ``unavailable`` when the file cannot be found or
+    read (the slide then runs, and fails with the reason)."""
+    try:
+        if callable(mask):
+            mask = mask()
+        if mask is None:
+            return "computed"
+        return "sha1:" + hashlib.sha1(Path(mask).read_bytes()).hexdigest()
+    except (CerberusError, OSError):
+        return "unavailable"
+
+
+def slide_key(predictor, config, model_id: str, options: RunOptions, slide_name: str,
+              mask: str | Path | Callable[[], Path | None] | None, heads: Sequence[str],
+              precision: str | None = None) -> dict:
+    """The settings that made a finished slide, recorded in its marker (``settings``) and compared with a
+    re-run's (:func:`redo_reasons`): a :func:`~.pool.run_key` of the model (config and ``model_id``), the window,
+    ``tta``, the precision used (``precision``: the one the run's workers will use, default the predictor's),
+    the trusted ``heads``, and the slide's own: its name, ``--mpp`` as given (None: the slide's metadata),
+    the processing mpp, ``--margin-um``, the mask (:func:`mask_id`) and ``--centroids-only``.
+
+    It is the part of the partial store's key (:func:`plan_slide`) that is known before the slide is opened,
+    plus ``centroids_only`` (which shapes the GeoJSON, not the store): deciding to skip a finished slide loads
+    nothing, opens no slide and computes no mask, and a cohort's parent process decides it for its Dask workers
+    (whose chunk it cannot know). Left out, and so not a reason to redo a finished slide: the chunking (chunks merge
+    as one pass, docs/wsi.md, and the automatic chunk follows the machine's memory like the batch size), the
+    slide's size and metadata mpp (a slide replaced by another under the same name is not noticed), and the
+    computed mask (it depends on the slide alone). The partial store keeps the whole key: a partial result is
+    resumed only when everything, the chunking included, is the same."""
+    geometry = predictor.geometry
+    return run_key(config, model_id, window=[geometry.input_shape, int(geometry.output_shape)],
+                   tta=getattr(predictor, "tta", False),
+                   precision=getattr(predictor, "precision", "") if precision is None else precision,
+                   slide=slide_name, mpp=options.mpp, processing_mpp=predictor.mpp, margin_um=options.margin_um,
+                   mask=mask_id(mask), heads=list(heads), centroids_only=bool(options.centroids_only))
+
+
+def redo_reasons(done: dict | None, key: dict) -> list[str] | None:
+    """How a slide's completion marker ``done`` (:func:`~.pool.read_marker`) stands to this run's settings
+    ``key`` (:func:`slide_key`): None when it is no finished slide's marker (the slide runs: resumed, or from the
+    start), ``[]`` when the slide was finished with these settings (it is skipped), else the settings that
+    changed (:func:`~.pool.changed_settings`; ``not recorded`` for the marker of an earlier version): the slide is
+    done again."""
+    if done is None or not set(FINISHED) <= set(done):
+        return None
+    return changed_settings(done.get("settings"), key)
 
 
 # ---- stage 1: plan ---------------------------------------------------------------------------------------
@@ -164,8 +236,9 @@ def _load_or_compute_mask(reader, mask, echo: Callable[[str], None]) -> tuple[np
 
 
 def plan_slide(predictor, config, reader, options: RunOptions, mask: Path | None, model_id: str, name: str,
-               echo: Callable[[str], None]) -> SlidePlan:
-    """Stage 1: the slide's frame, tissue mask (``mask``: the user's file, or None to compute one) and chunks."""
+               echo: Callable[[str], None], heads: tuple[str, ...] | None = None) -> SlidePlan:
+    """Stage 1: the slide's frame, tissue mask (``mask``: the user's file, or None to compute one) and chunks;
+    ``heads`` (the trusted heads, default every head of ``config``) are part of the run's settings."""
     import shapely
 
     from ..outputs.records import mask_region
@@ -188,14 +261,15 @@ def plan_slide(predictor, config, reader, options: RunOptions, mask: Path | None
             width, height, out_side, margin_px, dense_channels(config, predictor.heads))
     chunks = plan_chunks(width, height, out_side, chunk_size, margin_px)
     chunk_px = max(1, math.ceil(chunk_size / out_side)) * out_side  # as plan_chunks rounds them
-    run = {"model": config.to_dict(), "model_id": model_id, "slide": name, "size": list(reader.dimensions), "mpp": slide_mpp, "processing_mpp": predictor.mpp,
-           "window": [geometry.input_shape, out_side], "chunks": len(chunks), "chunk": chunk_px,
-           "margin_um": options.margin_um, "mask": hashlib.sha1(np.packbits(tmask).tobytes()).hexdigest(),
-           "tta": bool(getattr(predictor, "tta", False)), "precision": getattr(predictor, "precision", "")}
+    run = run_key(config, model_id, window=[geometry.input_shape, out_side], tta=getattr(predictor, "tta", False),
+                  precision=getattr(predictor, "precision", ""), slide=name, size=list(reader.dimensions),
+                  mpp=slide_mpp, processing_mpp=predictor.mpp, chunks=len(chunks), chunk=chunk_px,
+                  margin_um=options.margin_um, mask=hashlib.sha1(np.packbits(tmask).tobytes()).hexdigest(),
+                  heads=list(config.head_names if heads is None else heads))
     return SlidePlan(slide_mpp, tuple(reader.dimensions), scale, int(predictor.cell), (width, height), tmask, mask_mpp, mask is not None,
                      region, chunks, tissue_chunks(chunks, tmask, mask_mpp, slide_mpp, scale),
                      (width <= chunks[0].core[2], height <= chunks[0].core[3]), chunk_px, margin_px,
-                     json.loads(json.dumps(run)))  # as the store gives it back (lists, not tuples)
+                     run)  # as the store gives it back (lists, not tuples)
 
 
 def _postproc_workers(predictor, options: RunOptions) -> int:
@@ -210,8 +284,13 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
                   stem: str | None = None, mask: str | Path | Callable[[], Path | None] | None = None,
                   model_id: str = "", metadata: dict | None = None, read_threads: int = 2,
                   echo: Callable[[str], None] = echo, on_commit: Callable[[int], None] | None = None,
-                  **settings) -> WSIResult:
+                  heads: Sequence[str] | None = None, redo_line: bool = True, **settings) -> WSIResult:
     """Predict one slide in chunks and write its outputs into ``output`` (see the module docstring).
+
+    A slide whose completion marker records this run's settings (:func:`slide_key`) is skipped at once
+    (``skipped``); one finished with other settings, or by an earlier version that recorded none, is done again,
+    with one line through ``echo`` naming what changed (``redo_line``; a cohort that said it for all its slides
+    passes False). Its marker goes first, and each of its files is replaced as this run writes it.
 
     Args:
         predictor: a :class:`~.engine.Predictor` whose geometry has ``fit=False`` and an output side that is a
@@ -231,9 +310,14 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
         model_id: identifies the weights, so a partial result of other weights is never resumed.
         metadata: keys added to ``{stem}_metadata.json``.
         on_commit: called with each chunk's index after its records are committed (tests interrupt runs here).
+        heads: the model's trusted heads (default: the predictor's ``heads``, which a
+            :class:`~.engine.Predictor` takes from the model's provenance, else every head of ``config``): nothing
+            of another head is kept or written (docs/outputs.md), and the metadata lists them as ``trusted_heads``.
+        redo_line: say when a slide finished with other settings is done again.
     """
     from ..io.slides import open_slide
     from ..io.tissue import save_mask
+    from ..outputs.records import known_heads
     from ..outputs.store import open_run_store
 
     opts = options if options is not None else RunOptions.from_settings(**settings)
@@ -244,15 +328,22 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
     stem = stem or slide.stem
     output = check_output(Path(output))
     paths = output_paths(output, stem)
+    if heads is None:
+        heads = getattr(predictor, "heads", None)
+    heads = known_heads(config, heads)
+    key = slide_key(predictor, config, model_id, opts, slide.name, mask, heads)
     done = read_marker(output, stem)
-    if done is not None and {"files", "summary", "counts"} <= set(done):
+    changed = redo_reasons(done, key)
+    if changed == []:  # finished with these settings
         return WSIResult(slide, {k: Path(v) for k, v in done["files"].items()}, done["summary"], done["counts"],
-                         skipped=True)
+                         recorded_timings(done, paths["metadata"]), skipped=True)
+    if changed and redo_line:
+        echo(redone_line({slide: changed}))
     geometry = predictor.geometry
     if geometry.fit or int(geometry.output_shape) % int(predictor.cell):
         raise CerberusError(f"whole-slide windows must keep their size and an output side that is a multiple of "
                             f"{int(predictor.cell)}; got {geometry}. Build the predictor with make_predictor")
-    timings = dict.fromkeys(("mask", "read", "infer", "forward", "postprocess", "write", "outputs"), 0.0)
+    timings = dict.fromkeys(TIMING_KEYS[:-2], 0.0)  # total and device_utilisation at the end
     reader = open_slide(slide, opts.mpp)
     grid = GridReader(reader, predictor.mpp, threads=read_threads)
     store = None
@@ -260,12 +351,16 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
         t0 = time.perf_counter()
         if callable(mask):
             mask = mask()
-        plan = plan_slide(predictor, config, reader, opts, mask, model_id, slide.name, echo)
+        plan = plan_slide(predictor, config, reader, opts, mask, model_id, slide.name, echo, heads)
+        # a marker here is another run's (of other settings, or unreadable): gone before the first file is replaced,
+        # so that its slide never passes for finished with a mix of files
+        paths["marker"].unlink(missing_ok=True)
         save_mask(paths["mask"], plan.mask)
         timings["mask"] = time.perf_counter() - t0
         meta = {"slide": slide.name, "mpp": plan.slide_mpp, "processing_mpp": predictor.mpp, "scale": plan.scale,
                 "offset": [0.0, 0.0], "level0_dimensions": list(plan.dimensions),
-                "software": {"cerberus_histo": __version__}, "model": config.to_dict(), RUN_KEY: plan.run}
+                "software": {"cerberus_histo": __version__}, "model": config.to_dict(), "trusted_heads": list(heads),
+                RUN_KEY: plan.run}
         store = open_run_store(paths["store"], output / f"{stem}.db.partial", meta, RUN_KEY, echo)
         done_before = store.chunks_done()
         todo = [c for c in plan.tissue if c.index not in done_before]
@@ -273,9 +368,10 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
         echo(f"{stem}: {plan.size[0]} x {plan.size[1]} model px, {len(plan.tissue)} of {len(plan.chunks)} chunks of "
              f"{plan.chunk_px} px with tissue (margin {plan.margin_px} px), windows "
              f"{chunk_plan(*plan.chunks[0].region[2:], plan.fit).window_shape[::-1]}")
-        windows_run = _predict_chunks(predictor, config, grid, store, plan, todo, stem, opts, timings, on_commit)
+        windows_run = _predict_chunks(predictor, config, grid, store, plan, todo, stem, opts, timings, on_commit,
+                                      heads)
         t_loop = time.perf_counter()
-        summary = finish_slide(store, config, reader, plan, paths, opts.centroids_only)
+        summary = finish_slide(store, config, reader, plan, paths, opts.centroids_only, heads)
         timings["outputs"] = time.perf_counter() - t_loop
         timings["read"] += grid.read_seconds
         timings["total"] = time.perf_counter() - t_start
@@ -290,6 +386,7 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
         info = {**(metadata or {}), "slide": str(slide), "stem": stem, "level0_dimensions": list(plan.dimensions),
                 "mpp": plan.slide_mpp, "mpp_source": "--mpp" if opts.mpp is not None else "metadata",
                 "processing_mpp": predictor.mpp, "model": config.to_dict(), "model_id": model_id,
+                "trusted_heads": list(heads),
                 "window": {"input": geometry.input_shape, "output": int(geometry.output_shape)},
                 "chunk_size": plan.chunk_px, "margin_um": opts.margin_um, "margin_px": plan.margin_px,
                 "chunks": {"total": len(plan.chunks), "with_tissue": len(plan.tissue),
@@ -298,15 +395,17 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
                 "tissue_mask": {"source": str(mask) if mask is not None else "computed", "mpp": plan.mask_mpp},
                 "counts": summary["counts"], "software": software_versions(),
                 "timings_s": {k: round(v, 4) for k, v in timings.items()}}
-        atomic_write_bytes(paths["metadata"], json.dumps(info, indent=2).encode())
+        write_json(paths["metadata"], info)
         store.close()
         store = None
         partial = output / f"{stem}.db.partial"
         if partial.exists():
             os.replace(partial, paths["store"])
+        if "tissue-class" not in heads:  # no tissue map in this run: one left by a run of other heads is not its own
+            paths["tissue"].unlink(missing_ok=True)
         files = {k: str(v) for k, v in paths.items() if k != "marker" and v.exists()}
         write_marker(output, stem, {"slide": str(slide), "files": files, "counts": summary["counts"],
-                                    "summary": summary, "timings_s": info["timings_s"]})
+                                    "summary": summary, "timings_s": info["timings_s"], "settings": key})
         t = timings
         echo(f"{stem}: {sum(v for k, v in summary['counts'].items() if k != 'tissue')} objects in {t['total']:.1f} s "
              f"(read {t['read']:.1f} s, infer {t['infer']:.1f} s, post-process {t['postprocess']:.1f} s, write "
@@ -320,22 +419,35 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
         reader.close()
 
 
+def recorded_timings(marker: dict, metadata: Path) -> dict[str, float]:
+    """The timings of the run that finished a slide, with the keys of a fresh run's (:data:`TIMING_KEYS`): its
+    marker's ``timings_s``, else those of its metadata file, NaN for a key neither has."""
+    got = marker.get("timings_s")
+    if not isinstance(got, dict):
+        try:
+            got = json.loads(Path(metadata).read_text()).get("timings_s")
+        except (OSError, ValueError, AttributeError):
+            got = None
+    got = got if isinstance(got, dict) else {}
+    return {k: float(got[k]) if isinstance(got.get(k), (int, float)) else math.nan for k in TIMING_KEYS}
+
+
 # ---- stages 2-4: predict, own, commit --------------------------------------------------------------------
 def _predict_chunks(predictor, config, grid: GridReader, store, plan: SlidePlan, todo: list[Chunk], stem: str,
-                    opts: RunOptions, timings: dict[str, float], on_commit: Callable[[int], None] | None) -> int:
+                    opts: RunOptions, timings: dict[str, float], on_commit: Callable[[int], None] | None,
+                    heads: tuple[str, ...]) -> int:
     """Predict the ``todo`` chunks in order (stage 2) while the pool post-processes and owns the previous ones
     (stage 3) and this process commits each finished chunk to the store (stage 4); returns the windows run.
     Reading (``grid``'s threads), the network (here) and post-processing overlap; at most ``postproc_workers``
     chunks wait for post-processing while the next one is predicted."""
-    from tqdm import tqdm
-
     from ..outputs.store import ChunkEntry
+    from ..progress import progress_bar
 
     geometry, chunk_plan = predictor.geometry, planner(predictor)
     pad = TISSUE_PAD_UM / grid.mpp
     total = len(plan.tissue)
-    bar = tqdm(total=total, initial=total - len(todo), unit="chunk", desc=stem, disable=not opts.progress,
-               leave=False, file=sys.stderr)
+    bar = progress_bar(total=total, initial=total - len(todo), unit="chunk", desc=stem, progress=opts.progress,
+                       leave=False)
     windows_run = 0
 
     def commit(windows: int, result: Future) -> None:
@@ -365,7 +477,7 @@ def _predict_chunks(predictor, config, grid: GridReader, store, plan: SlidePlan,
                 timings["forward"] += pred.timings.get("forward", 0.0)
                 windows_run += pred.windows
                 job = {"chunk": chunk, "probs": pred.probs, "mpp": predictor.mpp, "cell": int(predictor.cell),
-                       "size": plan.size, "slide_mpp": grid.mpp, "config": config,
+                       "size": plan.size, "slide_mpp": grid.mpp, "config": config, "heads": heads,
                        "region": plan.chunk_region(chunk)}
                 pool.submit(own_chunk, job, pred.windows)
                 del job, pred  # a worker has its copy; bound what this process holds
@@ -376,17 +488,20 @@ def _predict_chunks(predictor, config, grid: GridReader, store, plan: SlidePlan,
 
 
 # ---- stage 5: finish -------------------------------------------------------------------------------------
-def finish_slide(store, config, reader, plan: SlidePlan, paths: dict[str, Path], centroids_only: bool) -> dict:
+def finish_slide(store, config, reader, plan: SlidePlan, paths: dict[str, Path], centroids_only: bool,
+                 heads: tuple[str, ...] | None = None) -> dict:
     """Once every chunk is in: add the tissue-class regions (once; the store is marked complete in the same
     transaction), then write the GeoJSON, HoVer-Net JSON, summary, tissue-class PNG and thumbnail from the store
-    (:func:`~cerberus_histo.outputs.writers.write_slide_outputs`); returns the summary."""
+    (:func:`~cerberus_histo.outputs.writers.write_slide_outputs`); returns the summary. Without a trusted tissue head
+    (``heads``, default every head of ``config``) there are no tissue regions and no tissue-class map."""
     from ..outputs.records import annotation_records, clip_records
     from ..outputs.writers import write_slide_outputs
     from ..postproc import TaskResult
 
     cell, (width, height) = plan.cell, plan.size
     cshape = (math.ceil(height / cell), math.ceil(width / cell))
-    class_map = store.tissue_cells(cshape)
+    heads = config.head_names if heads is None else heads
+    class_map = store.tissue_cells(cshape) if "tissue-class" in heads else None
     cell_l0 = cell * plan.scale
     if class_map is not None:
         class_map[~mask_cells(plan.mask, plan.mask_mpp, cshape, cell_l0, plan.slide_mpp)] = 0
@@ -404,7 +519,8 @@ def finish_slide(store, config, reader, plan: SlidePlan, paths: dict[str, Path],
     thumb = reader.thumbnail(min(levels) if levels else ideal)  # a pyramid level when one is that coarse
     return write_slide_outputs(store, config, paths, mpp=plan.slide_mpp, class_map=class_map, cell=cell_l0,
                                analysed_area_um2=float(plan.mask.sum()) * plan.mask_mpp ** 2, thumbnail=thumb,
-                               thumbnail_scale=thumb.shape[1] / plan.dimensions[0], centroids_only=centroids_only)
+                               thumbnail_scale=thumb.shape[1] / plan.dimensions[0], centroids_only=centroids_only,
+                               heads=heads)
 
 
 # ---- a model ---------------------------------------------------------------------------------------------
@@ -445,12 +561,3 @@ def predict_wsi(model, slide: str | Path, output: str | Path = "cerberus-wsi", *
     return predict_slide(predictor, model.config, slide, output, mask=mask, model_id=weights_id(model),
                          mpp=mpp, chunk_size=chunk_size, margin_um=margin_um, centroids_only=centroids_only,
                          progress=progress)
-
-
-def weights_id(model) -> str:
-    """A short hash of the model's weights (a partial result of other weights is never resumed)."""
-    h = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]

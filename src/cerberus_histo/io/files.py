@@ -1,8 +1,10 @@
-"""Small file helpers shared across the package: atomic writes, the one PNG encoder, and YAML mappings with one-line
-errors."""
+"""Small file helpers shared across the package: atomic writes, strict JSON, the one PNG encoder, and YAML mappings
+with one-line errors."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,45 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _json_key(key):
+    if isinstance(key, np.generic):
+        key = key.item()
+    return key if key is None or isinstance(key, (str, int, float, bool)) else str(key)
+
+
+def json_ready(value):
+    """``value`` as strict JSON can hold it: NaN and infinities -> ``None`` (``null``), numpy scalars and arrays ->
+    Python numbers and lists, tuples -> lists, paths -> strings; dict keys that JSON cannot take -> strings."""
+    if isinstance(value, dict):
+        return {_json_key(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def json_text(value, **kwargs) -> str:
+    """Strict JSON text of ``value`` (``json.dumps`` with ``allow_nan=False``; ``kwargs`` as there): a NaN or an
+    infinity is written ``null`` (:func:`json_ready`), never the bare ``NaN`` / ``Infinity`` that JSON lacks and
+    strict readers (JavaScript, jq, Go) reject. Every JSON the package writes is made here."""
+    try:  # the common case, at json's own speed
+        return json.dumps(value, allow_nan=False, **kwargs)
+    except (ValueError, TypeError):
+        return json.dumps(json_ready(value), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path, value, indent: int | None = 2) -> None:
+    """``value`` as strict JSON (:func:`json_text`), written atomically."""
+    atomic_write_bytes(Path(path), json_text(value, indent=indent).encode())
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

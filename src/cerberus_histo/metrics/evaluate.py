@@ -18,18 +18,21 @@ Per task:
 - ``gland`` / ``lumen``: per-image Dice and PQ; GlaS object F1, object Dice and object Hausdorff (per-image
   means and pooled); for glands with classes, mPQ+;
 - ``tissue``: accuracy, balanced accuracy, macro F1 and the confusion matrix.
+
+A model's head that was never trained writes nothing (docs/outputs.md): predictions without a task's maps are a
+one-line error naming the model's trusted heads, and predictions without types (no trained type head) are scored
+without the type metrics, the summary's ``types`` saying so.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CerberusError
-from ..io.files import atomic_write_bytes
+from ..io.files import write_json as write_strict_json
 from .classification import classification_metrics
 from .detection import DetectionAccumulator
 from .glas import GlaSAccumulator
@@ -119,7 +122,11 @@ def _prediction(data: dict, task: str, shape: tuple[int, int] | None, path: Path
     if "meta" not in data or ("inst_map" in data or "class_map" in data or "class" in data):
         return data  # a label file
     if key not in data:
-        raise CerberusError(f"{path}: an infer-tile result without {key!r}: the model has no {task} head")
+        head = "tissue-class" if task == "tissue" else f"{task}-inst"
+        trusted = json.loads(str(data["meta"])).get("trusted_heads")
+        why = (f"the model that wrote it has no trained {head} head (its trusted heads: {', '.join(trusted) or 'none'};"
+               " a head never trained writes nothing)" if trusted is not None else f"the model has no {task} head")
+        raise CerberusError(f"{path}: an infer-tile result without {key!r}: {why}")
     if task == "tissue":
         cells = np.asarray(data[key]).astype(np.int64)
         if shape is None:  # one class per image: the most frequent predicted class
@@ -211,7 +218,7 @@ def _evaluate_instances(task, pairs, n_cls, preds, trues, mpps, mpp, radius_um) 
     mpq = MPQPlus(n_cls) if n_cls > 0 else None
     det = DetectionAccumulator(radius_px=radius_um) if task == "nuclei" else None  # centroids in microns
     glas = GlaSAccumulator() if task != "nuclei" else None
-    typed = True
+    typed, untyped_pred = True, False
     for name, t_data, p_data in pairs:
         t_inst, t_types = _instances(t_data, trues[name])
         p_inst, p_types = _instances(p_data, preds[name])
@@ -222,6 +229,7 @@ def _evaluate_instances(task, pairs, n_cls, preds, trues, mpps, mpp, radius_um) 
         row = {"dice": dice(t_inst, p_inst), "pq": q.pq, "dq": q.dq, "sq": q.sq}
         if task == "nuclei":
             row.update(aji=aji(t_inst, p_inst), aji_plus=aji_plus(t_inst, p_inst), dice2=dice2(t_inst, p_inst))
+        untyped_pred = untyped_pred or (t_types is not None and p_types is None)
         typed = typed and t_types is not None and p_types is not None and mpq is not None
         if typed:
             row["mpq"] = mpq.update(t_inst, t_types, p_inst, p_types).mpq
@@ -234,6 +242,8 @@ def _evaluate_instances(task, pairs, n_cls, preds, trues, mpps, mpp, radius_um) 
             row.update(object_f1=g.f1, object_dice=g.object_dice, object_hausdorff=g.object_hausdorff)
         per_image[name] = row
     summary = {f"{k}_mean": _nanmean([r[k] for r in per_image.values()]) for k in next(iter(per_image.values()))}
+    if untyped_pred:  # marked, not scored: an infer-tile model without a trained type head writes no type map
+        summary["types"] = f"not scored: the predictions have no {task} types (no trained {task}-type head)"
     if typed and mpq is not None:
         summary.update(mpq_plus=mpq.mpq_plus, bpq_plus=mpq.bpq_plus,
                        pq_plus_per_class={str(c): v for c, v in mpq.pq_plus_per_class.items()})
@@ -268,16 +278,8 @@ def _evaluate_tissue(pairs, n_cls: int, preds: dict, trues: dict) -> dict:
 
 
 def write_json(result: dict, path: Path) -> None:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None  # JSON has no NaN/inf: written as null
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    atomic_write_bytes(Path(path), json.dumps(clean(result), indent=2).encode())
+    """The result as strict JSON, atomically: a NaN or infinite metric (nothing to score) is ``null``."""
+    write_strict_json(Path(path), result)
 
 
 def table(result: dict) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, trusted_heads
 from ..errors import ConfigError
 from .decoders import ClassHead, DenseDecoder
 from .encoders import build_encoder
@@ -71,6 +71,13 @@ class CerberusNet(nn.Module):
     @property
     def head_names(self) -> tuple[str, ...]:
         return tuple(self.heads.keys())
+
+    @property
+    def trusted_heads(self) -> tuple[str, ...]:
+        """The heads whose outputs inference computes and writes: the provenance's ``trained_heads`` (every head
+        when the provenance has none: an original release, a freshly built model); see
+        :func:`~cerberus_histo.config.trusted_heads`."""
+        return trusted_heads(self.config, self.provenance)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:

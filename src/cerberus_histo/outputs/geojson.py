@@ -7,14 +7,13 @@ atomically, one object at a time, so a slide with millions of nuclei is written 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import shapely
 
-from ..io.files import atomic_write
+from ..io.files import atomic_write, json_text
 from .records import AnnotationRecords
 
 
@@ -31,17 +30,21 @@ def _finite(values: dict[str, float]) -> dict[str, float]:
 
 def geojson_features(rec: AnnotationRecords, centroids_only: bool = False):
     """``(geometry_json, properties)`` per record: the geometry as GeoJSON text, the QuPath properties
-    (``objectType``, ``classification = {"name", "color"}``, ``measurements``). With ``centroids_only``
-    detections (nuclei) are Points at their centroids."""
+    (``objectType``, ``classification = {"name", "color"}``, ``measurements``). An untyped object (no trained type
+    head, :data:`~.records.UNTYPED`) has no ``classification``: QuPath imports it unclassified, as its own
+    detections are. With ``centroids_only`` detections (nuclei) are Points at their centroids."""
     if centroids_only and rec.object_type == "detection":
         geoms = shapely.points(rec.centroid) if len(rec) else np.empty(0, object)
     else:
         geoms = rec.geometry
     texts = shapely.to_geojson(geoms) if len(rec) else []
     classes = [{"name": n, "color": list(c)} for n, c in zip(rec.class_names, rec.class_colors, strict=True)]
-    for k, (text, meas) in enumerate(zip(texts, rec.measurement_rows(), strict=True)):
-        props = {"objectType": rec.object_type, "classification": classes[int(rec.class_index[k])],
-                 "measurements": _finite(meas)}
+    class_index = rec.class_index.tolist()
+    for text, meas, c in zip(texts, rec.measurement_rows(), class_index, strict=True):
+        props = {"objectType": rec.object_type}
+        if c >= 0:
+            props["classification"] = classes[c]
+        props["measurements"] = _finite(meas)
         yield text, props
 
 
@@ -49,7 +52,8 @@ def write_geojson(path: Path, records: Mapping[str, AnnotationRecords] | Iterabl
                   centroids_only: bool = False) -> int:
     """A QuPath-readable GeoJSON FeatureCollection of every record (task -> records, or record sets in the order
     to write): nuclei are ``"detection"`` objects, glands, lumina and tissue regions ``"annotation"`` objects;
-    ``properties.classification`` carries the class name and RGB colour, ``properties.measurements`` the numbers.
+    ``properties.classification`` carries the class name and RGB colour (none for untyped objects),
+    ``properties.measurements`` the numbers.
     ``centroids_only`` writes nuclei as Points (millions of polygons are slow in QuPath). Streamed to disk, written
     atomically; returns the number of features."""
     count = 0
@@ -62,7 +66,7 @@ def write_geojson(path: Path, records: Mapping[str, AnnotationRecords] | Iterabl
                 for text, props in geojson_features(rec, centroids_only):
                     f.write("\n" if count == 0 else ",\n")
                     count += 1
-                    f.write(f'{{"type": "Feature", "geometry": {text}, "properties": {json.dumps(props)}}}')
+                    f.write(f'{{"type": "Feature", "geometry": {text}, "properties": {json_text(props)}}}')
             f.write("\n]}\n")
 
     atomic_write(Path(path), write)
@@ -83,7 +87,6 @@ HOVERNET_SECTIONS = {"nuclei": "nuc", "gland": "gland", "lumen": "lumen"}
 
 def _hovernet_entries(rec: AnnotationRecords):
     """``(id, entry)`` per object of one task in the HoVer-Net layout (see :func:`hovernet_dict`)."""
-    typed = rec.has_types and len(rec) > 0
     probs = rec.measurements.get("type_prob")
     parents = rec.measurements.get("parent_gland")
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in rec.contours], dtype=np.int64)])
@@ -95,6 +98,7 @@ def _hovernet_entries(rec: AnnotationRecords):
     starts, ends = offsets[:-1].tolist(), offsets[1:].tolist()
     for k, i in enumerate(rec.ids.tolist()):
         x0, y0, x1, y1 = bbox[k]
+        typed = types[k] >= 0  # untyped (no trained type head) and lumina: null
         entry = {"bbox": [[y0, x0], [y1, x1]], "centroid": centroid[k], "contour": coords[starts[k]:ends[k]],
                  "type": types[k] if typed else None,
                  "type_prob": probs[k] if typed and probs is not None else None}
@@ -108,7 +112,8 @@ def hovernet_dict(records: Mapping[str, AnnotationRecords], mag: float | None = 
     [x, y], "contour": [[x, y], ...], "type": int, "type_prob": float}}, "gland": {...}, "lumen": {...}}``.
 
     As HoVer-Net, bbox is ``[[rmin, cmin], [rmax, cmax]]`` (max exclusive) while centroid and contour are x, y.
-    Lumina have ``"type": null``, ``"type_prob": null`` and ``"parent"``: their gland's id (0 = none).
+    Untyped instances (no trained type head) have ``"type": null`` and ``"type_prob": null``; so do lumina, which
+    also have ``"parent"``: their gland's id (0 = none).
     """
     out: dict = {"mag": mag}
     for task, section in HOVERNET_SECTIONS.items():
@@ -124,7 +129,7 @@ def write_hovernet_json(path: Path, records: Mapping[str, AnnotationRecords | It
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f'{{"mag": {json.dumps(mag)}')
+            f.write(f'{{"mag": {json_text(mag)}')
             for task, section in HOVERNET_SECTIONS.items():
                 if task not in records:
                     continue
@@ -134,7 +139,7 @@ def write_hovernet_json(path: Path, records: Mapping[str, AnnotationRecords | It
                     for key, entry in _hovernet_entries(rec):
                         f.write(f'"{key}": ' if first else f', "{key}": ')
                         first = False
-                        f.write(json.dumps(entry))
+                        f.write(json_text(entry))
                 f.write("}")
             f.write("}")
 

@@ -17,7 +17,8 @@ def render_overlay(image: np.ndarray, records: Mapping[str, AnnotationRecords] |
                    thumbnail: bool = False) -> np.ndarray:
     """RGB overlay of ``image`` (``H x W x 3``, or grey): the tissue ``class_map`` tinted (class 0 left clear),
     then the outlines of glands, lumina and nuclei in the order the record sets come (tissue regions are shown
-    by the tint).
+    by the tint). Objects are drawn in their class colours, untyped ones (no trained type head) in the neutral
+    :data:`~.records.UNTYPED_COLOR`.
 
     Geometry: image pixel = (record coordinate - ``offset``) x ``scale``; class-map cell ``(i, j)`` covers record
     coordinates ``offset + [j, j + 1) x cell`` (x) by ``offset + [i, i + 1) x cell`` (y). Images larger than
@@ -48,18 +49,19 @@ def render_overlay(image: np.ndarray, records: Mapping[str, AnnotationRecords] |
     for rec in records.values() if isinstance(records, Mapping) else records:
         if rec.task == "tissue" or not len(rec):
             continue
-        colors = np.asarray(rec.class_colors, np.uint8)
+        colors = rec.colors()  # untyped objects in the neutral UNTYPED_COLOR
         if thumbnail and rec.task == "nuclei":
             xy = ((rec.centroid - off) * f).astype(np.int64)
             ok = (xy[:, 0] >= 0) & (xy[:, 0] < ow) & (xy[:, 1] >= 0) & (xy[:, 1] < oh)
-            img[xy[ok, 1], xy[ok, 0]] = colors[rec.class_index[ok]]
+            img[xy[ok, 1], xy[ok, 0]] = colors[ok]
             continue
         thick = 2 if rec.task == "gland" and f >= 0.5 and not thumbnail else 1
         coords, offsets = ragged(rec.contours)
         pts = np.split(np.round((coords - off) * f).astype(np.int32).reshape(-1, 1, 2), offsets[1:-1])
         for c in np.unique(rec.class_index):
-            color = tuple(int(v) for v in colors[int(c)])
-            cv2.polylines(img, [pts[i] for i in np.flatnonzero(rec.class_index == c)], True, color, thick)
+            members = np.flatnonzero(rec.class_index == c)
+            color = tuple(int(v) for v in colors[members[0]])
+            cv2.polylines(img, [pts[i] for i in members], True, color, thick)
     return img
 
 

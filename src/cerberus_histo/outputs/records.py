@@ -16,9 +16,14 @@ Conventions:
   that touches itself becomes a MultiPolygon of its lobes); an instance with no area left (one pixel, a
   one-pixel-wide line) becomes a Point at its centroid, so every instance is exported in every format.
 * Instance areas are pixel counts (as in :class:`~cerberus_histo.postproc.Instances`), times ``(mpp*scale)²``.
-* An instance's class is ``class_names[type]`` of its task; a task without a type head (``lumen``) gets its
-  own foreground class (``class_names[1]``, ``"lumen"``), never another task's. Lumina carry their
-  containing gland's id as ``parent_gland``.
+* An instance's class is ``class_names[type]`` of its task when the task's type head is known (trained); without
+  one, a task with a single foreground class (``lumen``) gets that class (``class_names[1]``, ``"lumen"``, never
+  another task's), and any other task's instances are *untyped*: ``class_index`` :data:`UNTYPED` (-1), no class
+  name, the neutral colour :data:`UNTYPED_COLOR`. Every writer follows this one rule (docs/outputs.md, "Instances
+  without a type and untrained heads"). Lumina carry their containing gland's id as ``parent_gland``.
+* ``heads`` (the model's trusted heads, :func:`~cerberus_histo.config.trusted_heads`) restricts what is written
+  (:func:`known_results`): a task whose ``inst`` (or ``class``) head is not among them writes nothing, and one whose
+  ``type`` head is not among them writes untyped instances.
 * Tissue regions are the exact outlines of the class-map cells (the class map covers the same extent as the
   instance maps, at the same or a coarser resolution), one record per 4-connected region, with holes, clipped to
   the image or slide; class 0 (``background``) is not exported.
@@ -27,8 +32,8 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import shapely
@@ -41,6 +46,12 @@ OBJECT_TYPES = {"nuclei": "detection"}
 #: the order tasks are written in (tissue regions first, nuclei on top)
 TASK_ORDER = ("tissue", "gland", "lumen", "nuclei")
 INSTANCE_TASKS = ("gland", "lumen", "nuclei")
+#: ``class_index`` of an instance without a type (no trained type head): no class name, the neutral colour
+UNTYPED = -1
+#: the colour of untyped instances in overlays and thumbnails (light grey: no class's colour)
+UNTYPED_COLOR = (200, 200, 200)
+#: the summary's row name for untyped instances (and the tissue column without a trained tissue head)
+UNCLASSIFIED = "unclassified"
 
 
 @dataclass
@@ -52,8 +63,9 @@ class AnnotationRecords:
         object_type: QuPath object type, ``"detection"`` (nuclei) or ``"annotation"``.
         class_names, class_colors: the task spec's classes; ``class_index`` indexes them.
         ids: instance id in the task's map (tissue: region number 1..N).
-        types: the type-head class of each instance, -1 where the task has no type head (``lumen``).
-        class_index: the class of each object (``types``, or 1 = the task's own class without a type head).
+        types: the type-head class of each instance, -1 where the task has no (trusted) type head.
+        class_index: the class of each object: ``types``; without a type head the task's own class (1) when it
+            has a single foreground class (``lumen``), else :data:`UNTYPED` (-1: no class name, neutral colour).
         geometry: shapely Polygon / MultiPolygon / Point per object, valid.
         centroid: ``N x 2`` (x, y); bbox: ``N x 4`` ``[x0, y0, x1, y1]`` (x1, y1 exclusive for instances).
         contours: the raw boundary ring of each object (``K x 2``, x then y), as HoVer-Net stores it.
@@ -82,11 +94,20 @@ class AnnotationRecords:
         """Whether the task has a type head (its ``types`` are class indices, not -1)."""
         return bool(len(self.types) == 0 or self.types.min() >= 0)
 
-    def class_name(self, k: int) -> str:
-        return self.class_names[int(self.class_index[k])]
+    def class_name(self, k: int) -> str | None:
+        """The class name of object ``k``, None when it is untyped."""
+        c = int(self.class_index[k])
+        return None if c < 0 else self.class_names[c]
 
     def class_color(self, k: int) -> list[int]:
-        return list(self.class_colors[int(self.class_index[k])])
+        """The RGB colour of object ``k``'s class (:data:`UNTYPED_COLOR` when it is untyped)."""
+        c = int(self.class_index[k])
+        return list(UNTYPED_COLOR if c < 0 else self.class_colors[c])
+
+    def colors(self) -> np.ndarray:
+        """``N x 3`` uint8: each object's class colour, :data:`UNTYPED_COLOR` for untyped objects."""
+        palette = np.asarray([*self.class_colors, UNTYPED_COLOR], np.uint8)
+        return palette[np.where(self.class_index >= 0, self.class_index, len(self.class_colors))]
 
     def measurement_rows(self) -> list[dict[str, float]]:
         """One ``{name: value}`` dict per object (plain Python floats, JSON-ready)."""
@@ -106,7 +127,8 @@ class AnnotationRecords:
                         measurements: Mapping[str, np.ndarray], centroid: np.ndarray | None = None
                         ) -> AnnotationRecords:
         """Records of task ``spec`` (a :class:`~cerberus_histo.tasks.TaskSpec`) from valid geometries, as a store
-        gives them back: ``types`` are ``class_index`` where the task has a type head (-1 for ``lumen``),
+        gives them back (``class_index`` :data:`UNTYPED` for untyped objects): ``types`` are ``class_index`` where
+        the task has a type head (-1 for ``lumen``),
         ``centroid`` defaults to the geometries' centroids, ``bbox`` is their bounds and each contour the exterior
         ring of the geometry (of its largest part for a MultiPolygon; the point itself for a Point)."""
         n = len(ids)
@@ -115,11 +137,64 @@ class AnnotationRecords:
             centroid = shapely.get_coordinates(shapely.centroid(geometry)).reshape(n, 2)
         class_index = np.asarray(class_index, np.int64).reshape(n)
         typed = bool({"type", "class"} & set(spec.kinds))
+        types = np.where(class_index >= 0, class_index, -1) if typed else np.full(n, -1, np.int64)
         return cls(spec.name, OBJECT_TYPES.get(spec.name, "annotation"), spec.class_names, spec.class_colors,
-                   np.asarray(ids, np.int64).reshape(n), class_index if typed else np.full(n, -1, np.int64),
-                   class_index, geometry, np.asarray(centroid, np.float64).reshape(n, 2),
+                   np.asarray(ids, np.int64).reshape(n), types, class_index, geometry, np.asarray(centroid, np.float64).reshape(n, 2),
                    shapely.bounds(geometry).reshape(n, 4) if n else np.zeros((0, 4)), exterior_rings(geometry),
                    {k: np.asarray(v, np.float64).reshape(n) for k, v in measurements.items()})
+
+
+# ---- what the model knows --------------------------------------------------------------------------------
+def own_class(task) -> int:
+    """The class of an instance of ``task`` (a TaskSpec) that has no type: 1 when the task has a single
+    foreground class (``lumen``: the ``inst`` head itself says what it is), else :data:`UNTYPED`."""
+    return 1 if len(task.class_names) == 2 else UNTYPED
+
+
+def known_heads(config, heads: Iterable[str] | None = None) -> tuple[str, ...]:
+    """``heads`` (the model's trusted heads) among ``config``'s, in the config's order; None: every head."""
+    if heads is None:
+        return tuple(config.head_names)
+    given = set(heads)
+    return tuple(h for h in config.head_names if h in given)
+
+
+def result_heads(results: Mapping) -> tuple[str, ...]:
+    """The heads whose outputs ``postprocess`` results hold: ``{task}-inst`` per instance task, ``{task}-type``
+    where it has a type map, ``{task}-class`` per class map."""
+    out = []
+    for task, res in results.items():
+        if res.instances is not None or res.inst_map is not None:
+            out.append(f"{task}-inst")
+            if res.type_map is not None:
+                out.append(f"{task}-type")
+        elif res.class_map is not None:
+            out.append(f"{task}-class")
+    return tuple(out)
+
+
+def known_results(results: Mapping, heads: Iterable[str]) -> dict:
+    """``results`` (task -> :class:`~cerberus_histo.postproc.TaskResult`) restricted to what ``heads`` know: a
+    task whose ``inst`` or ``class`` head is not in ``heads`` is left out (no objects, no maps), and an instance task
+    whose ``type`` head is not loses its type map and its instances' types (-1: untyped, see the module
+    docstring). The results themselves are not changed."""
+    heads = set(heads)
+    out = {}
+    for task, res in results.items():
+        if res.instances is None and res.inst_map is None:  # a class head (tissue)
+            if f"{task}-class" in heads:
+                out[task] = res
+            continue
+        if f"{task}-inst" not in heads:
+            continue
+        if f"{task}-type" not in heads:
+            inst = res.instances
+            if inst is not None:
+                inst = replace(inst, types=np.full(len(inst), -1, np.int32),
+                               type_probs=np.zeros(len(inst), np.float32))
+            res = replace(res, instances=inst, type_map=None)
+        out[task] = res
+    return out
 
 
 # ---- building records ------------------------------------------------------------------------------------
@@ -182,7 +257,7 @@ def _transform(geoms: np.ndarray, scale: float, offset: np.ndarray) -> np.ndarra
 def _instance_records(task, inst, mpp: float, scale: float, offset: np.ndarray) -> AnnotationRecords:
     n = len(inst)
     types = np.asarray(inst.types, np.int64)
-    class_index = np.where(types >= 0, types, 1)  # no type head: the task's own class, "lumen" for lumina
+    class_index = np.where(types >= 0, types, own_class(task))  # no type: "lumen" for lumina, else untyped
     geoms = _transform(contour_geometries(inst.contours, inst.centroid), scale, offset)
     area_um2 = np.asarray(inst.area, np.float64) * (mpp * scale) ** 2
     meas = {"area_um2": area_um2}
@@ -269,7 +344,8 @@ def _tissue_records(task, res, shape: tuple[int, int] | None, mpp: float, scale:
 
 def annotation_records(results: Mapping, config, mpp: float, scale: float = 1.0,
                        offset: Sequence[float] = (0.0, 0.0), shape: tuple[int, int] | None = None,
-                       cell: float | None = None) -> dict[str, AnnotationRecords]:
+                       cell: float | None = None, heads: Iterable[str] | None = None
+                       ) -> dict[str, AnnotationRecords]:
     """Annotation records of every task in ``results`` (``postprocess`` output), by task name.
 
     Args:
@@ -282,12 +358,17 @@ def annotation_records(results: Mapping, config, mpp: float, scale: float = 1.0,
         cell: map pixels per tissue class cell (the encoder's stride, 16). Given, each cell is ``cell`` pixels
             and the tissue regions are clipped to ``shape``, so none reaches past the image or slide; omitted,
             the class map is stretched over ``shape``.
+        heads: the model's trusted heads (:func:`~cerberus_histo.config.trusted_heads`): ``results`` are first
+            restricted to them (:func:`known_results`). None: ``results`` as they are (instances without types
+            are untyped, see the module docstring).
     """
     if not (isinstance(mpp, (int, float)) and mpp > 0 and np.isfinite(mpp)):
         raise CerberusError(f"mpp must be microns per pixel > 0 (e.g. 0.25), got {mpp!r}")
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise CerberusError(f"scale must be > 0 (output pixels per map pixel), got {scale!r}")
     off = np.asarray(offset, np.float64).reshape(2)
+    if heads is not None:
+        results = known_results(results, heads)
     if shape is None:
         shape = next((tuple(r.inst_map.shape) for r in results.values() if r.inst_map is not None), None)
     out: dict[str, AnnotationRecords] = {}

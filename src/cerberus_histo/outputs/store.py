@@ -10,8 +10,9 @@ Schema (as TIAToolbox's ``SQLiteStore`` creates it, so ``SQLiteStore(path)`` and
 
 ``objtype`` is the shapely geometry type, ``cx, cy`` the geometry's centroid, ``geometry`` zlib-compressed
 WKB (NULL for points, which are ``(cx, cy)``), ``properties`` a JSON object with ``"type"`` (the class name,
-which TIAToolbox colours by), ``"task"``, ``"id"`` (the instance id in the task's map) and the measurements,
-``area`` the geometry's area in coordinate units (pixels²). Each row has an rtree row with the same id.
+which TIAToolbox colours by; null for an untyped instance), ``"task"``, ``"id"`` (the instance id in the task's
+map) and the measurements, ``area`` the geometry's area in coordinate units (pixels²). Each row has an rtree row
+with the same id.
 
 Beside the schema a whole-slide run keeps its *chunk ledger*, ``cerberus_chunks`` (one row per committed chunk:
 objects, dropped objects, windows run and its tissue-class cells), committed in the same transaction as the chunk's
@@ -34,8 +35,8 @@ import numpy as np
 import shapely
 
 from ..errors import CerberusError
-from ..io.files import atomic_write
-from .records import AnnotationRecords
+from ..io.files import atomic_write, json_text
+from .records import UNTYPED, AnnotationRecords
 
 VERSION = "1.0.1"
 COMPRESSION_LEVEL = 9
@@ -107,7 +108,7 @@ def _rows(rec: AnnotationRecords, first_id: int):
                  **{m: (v if np.isfinite(v) else None) for m, v in meas[k].items()}}
         blob = None if is_point[k] else zlib.compress(wkb[k], COMPRESSION_LEVEL)
         ann.append((row_id, f"{rec.task}-{row_id}", types[k], cxy[k][0], cxy[k][1], blob,
-                    json.dumps(props, separators=(",", ":")), area[k]))
+                    json_text(props, separators=(",", ":")), area[k]))
         x0, y0, x1, y1 = bounds[k]
         tree.append((row_id, x0, x1, y0, y1))
     return ann, tree
@@ -151,7 +152,7 @@ class AnnotationStore:
 
     def _set_metadata(self, items: Mapping[str, Any]) -> None:
         self._con.executemany("REPLACE INTO metadata (key, value) VALUES (?, ?)",
-                              [(str(k), json.dumps(v)) for k, v in items.items()])
+                              [(str(k), json_text(v)) for k, v in items.items()])
 
     # ---- metadata ------------------------------------------------------------------------------------------
     def set_metadata(self, items: Mapping[str, Any]) -> None:
@@ -296,7 +297,8 @@ def _records_of_rows(rows: list[tuple], config) -> Iterator[AnnotationRecords]:
         spec = config.task(tasks[start])
         part, pp = rows[start:end], props[start:end]
         names = list(spec.class_names)
-        cls = np.array([names.index(p.get("type")) if p.get("type") in names else 0 for p in pp], np.int64)
+        cls = np.array([UNTYPED if p.get("type") is None else names.index(p["type"]) if p["type"] in names else 0
+                        for p in pp], np.int64)
         keys = [k for k in pp[0] if k not in ("type", "task", "id")]
         meas = {k: np.array([np.nan if p.get(k) is None else p[k] for p in pp], np.float64) for k in keys}
         geoms = np.empty(len(part), object)
@@ -315,8 +317,10 @@ def _records_of_rows(rows: list[tuple], config) -> Iterator[AnnotationRecords]:
 def open_run_store(final: Path, partial: Path, metadata: Mapping[str, Any], key: str,
                    echo: Callable[[str], None]) -> AnnotationStore:
     """The store a run continues: a finished ``final`` store of the same run (``metadata[key]`` equal) whose other
-    outputs are missing (a kill after its rename), else the ``partial`` store of the same run, else a new partial
-    store (one of other settings is deleted, with a message)."""
+    outputs are missing or were written with other settings that do not change the store (a kill after its
+    rename; ``--centroids-only``), else the ``partial`` store of the same run, else a new partial store (one of
+    other settings is deleted, with a message). A ``final`` store of other settings stays until the run's own
+    replaces it."""
     if final.is_file() and not partial.exists():
         try:
             store = AnnotationStore(final)
@@ -325,7 +329,6 @@ def open_run_store(final: Path, partial: Path, metadata: Mapping[str, Any], key:
             store.close()
         except CerberusError:
             pass
-        final.unlink()
     if partial.exists():
         try:
             store = AnnotationStore(partial)

@@ -9,7 +9,10 @@
      "nuclei_by_tissue": {tissue class: {nucleus class: {"count", "area_um2", "mean_area_um2"}}}}
 
 Every class of a task is listed (absent ones with a zero count), class 0 only where objects have it. A nucleus's
-tissue class is that of the tissue-class cell under its centroid (``"unclassified"`` without a tissue head).
+tissue class is that of the tissue-class cell under its centroid (``"unclassified"`` without a trained tissue
+head). Only the model's trusted heads count (``heads``): a task whose ``inst``/``class`` head is not among them is
+left out, and the instances of a task without a trusted type head (and more than one foreground class) are counted
+in one ``"unclassified"`` row, its classes not listed; untyped objects of a typed task add an ``"unclassified"`` row.
 :func:`write_summary` writes it as JSON and as the CSV ``task,class,tissue_class,count,area_um2,mean_area_um2``.
 """
 
@@ -17,37 +20,45 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..io.files import atomic_write_bytes
-from .records import INSTANCE_TASKS, AnnotationRecords
+from ..io.files import atomic_write_bytes, write_json
+from .records import INSTANCE_TASKS, UNCLASSIFIED, UNTYPED, AnnotationRecords, known_heads, own_class
 
 CSV_COLUMNS = ("task", "class", "tissue_class", "count", "area_um2", "mean_area_um2")
 
 
-def _rows(names: Sequence[str], count: np.ndarray, area: np.ndarray) -> dict[str, dict[str, float]]:
-    start = 0 if count[0] else 1
-    return {names[c]: {"count": int(count[c]), "area_um2": float(area[c]),
-                       "mean_area_um2": float(area[c] / count[c]) if count[c] else 0.0}
-            for c in range(start, len(names))}
+def _rows(names: Sequence[str], count: np.ndarray, area: np.ndarray, untyped: bool = False
+          ) -> dict[str, dict[str, float]]:
+    """One row per class (class 0 only when counted), then ``unclassified`` (slot ``len(names)``) when counted;
+    ``untyped``: the ``unclassified`` row alone."""
+    n = len(names)
+    keep = ([] if untyped else list(range(0 if count[0] else 1, n))) + ([n] if untyped or count[n] else [])
+    return {(UNCLASSIFIED if c == n else names[c]): {"count": int(count[c]), "area_um2": float(area[c]),
+                                                     "mean_area_um2": float(area[c] / count[c]) if count[c] else 0.0}
+            for c in keep}
 
 
 def summarize(records: Mapping[str, AnnotationRecords] | Iterable[AnnotationRecords], config, *,
               analysed_area_um2: float, class_map: np.ndarray | None = None, cell: float = 1.0,
-              offset: Sequence[float] = (0.0, 0.0)) -> dict:
+              offset: Sequence[float] = (0.0, 0.0), heads: Iterable[str] | None = None) -> dict:
     """The summary (see the module docstring) of ``records`` (task -> records, or record sets streamed from a
     store). ``class_map`` (``uint8`` tissue classes) and ``cell`` (output units per class-map cell, whose cell
-    ``(0, 0)`` starts at ``offset``) give each nucleus its tissue class; ``config`` names the classes."""
-    tasks = {t.name: t for t in config.tasks}
+    ``(0, 0)`` starts at ``offset``) give each nucleus its tissue class; ``config`` names the classes; ``heads``:
+    the model's trusted heads (None: every head of ``config``)."""
+    known = set(known_heads(config, heads))
+    tasks = {t.name: t for t in config.tasks if f"{t.name}-{'class' if t.name == 'tissue' else 'inst'}" in known}
+    # a task without a trusted type head and with several classes: its instances are untyped, its classes unlisted
+    untyped = {t for t in tasks if t != "tissue" and f"{t}-type" not in known and own_class(tasks[t]) == UNTYPED}
     tissue_names = list(tasks["tissue"].class_names) if "tissue" in tasks and class_map is not None else None
-    cols = tissue_names or ["unclassified"]
-    counts = {t: np.zeros(len(tasks[t].class_names), np.int64) for t in (*INSTANCE_TASKS, "tissue") if t in tasks}
+    cols = tissue_names or [UNCLASSIFIED]
+    # one slot per class, and a last one for untyped objects
+    counts = {t: np.zeros(len(tasks[t].class_names) + 1, np.int64) for t in (*INSTANCE_TASKS, "tissue") if t in tasks}
     areas = {t: np.zeros(len(c), np.float64) for t, c in counts.items()}
-    by_count = np.zeros((len(cols), len(tasks["nuclei"].class_names) if "nuclei" in tasks else 1), np.int64)
+    by_count = np.zeros((len(cols), len(counts["nuclei"]) if "nuclei" in counts else 1), np.int64)
     by_area = np.zeros(by_count.shape, np.float64)
     off = np.asarray(offset, np.float64)
     for rec in records.values() if isinstance(records, Mapping) else records:
@@ -55,16 +66,18 @@ def summarize(records: Mapping[str, AnnotationRecords] | Iterable[AnnotationReco
             continue
         area = rec.measurements.get("area_um2", np.zeros(len(rec)))
         area = np.where(np.isfinite(area), area, 0.0)
-        np.add.at(counts[rec.task], rec.class_index, 1)
-        np.add.at(areas[rec.task], rec.class_index, area)
+        last = len(counts[rec.task]) - 1
+        slot = np.full(len(rec), last) if rec.task in untyped else np.where(rec.class_index >= 0, rec.class_index, last)
+        np.add.at(counts[rec.task], slot, 1)
+        np.add.at(areas[rec.task], slot, area)
         if rec.task == "nuclei":
             tis = np.zeros(len(rec), np.int64)
             if tissue_names is not None:
                 h, w = class_map.shape
                 ij = np.floor((rec.centroid - off) / cell).astype(np.int64)
                 tis = class_map[np.clip(ij[:, 1], 0, h - 1), np.clip(ij[:, 0], 0, w - 1)].astype(np.int64)
-            np.add.at(by_count, (tis, rec.class_index), 1)
-            np.add.at(by_area, (tis, rec.class_index), area)
+            np.add.at(by_count, (tis, slot), 1)
+            np.add.at(by_area, (tis, slot), area)
     out: dict = {"analysed_area_um2": float(analysed_area_um2), "counts": {t: int(c.sum()) for t, c in counts.items()}}
     if "tissue" in counts:
         names = list(tasks["tissue"].class_names)
@@ -76,12 +89,13 @@ def summarize(records: Mapping[str, AnnotationRecords] | Iterable[AnnotationReco
         out["tissue"] = rows
     for task in INSTANCE_TASKS:
         if task in counts:
-            out[task] = _rows(list(tasks[task].class_names), counts[task], areas[task])
+            out[task] = _rows(list(tasks[task].class_names), counts[task], areas[task], task in untyped)
     if "nuclei" in counts:
         names = list(tasks["nuclei"].class_names)
         keep_zero = bool(by_count[:, 0].any())
         out["nuclei_by_tissue"] = {
-            cols[t]: {k: v for k, v in _rows(names, by_count[t], by_area[t]).items() if keep_zero or k != names[0]}
+            cols[t]: {k: v for k, v in _rows(names, by_count[t], by_area[t], "nuclei" in untyped).items()
+                      if keep_zero or k != names[0]}
             for t in range(len(cols)) if by_count[t].any() or t or tissue_names is None}
     return out
 
@@ -92,7 +106,7 @@ def write_summary(json_path: Path | None, csv_path: Path | None, summary: Mappin
     (``tissue_class`` ``all``), and one per (nucleus class, tissue class). Each file written atomically; either
     path may be None."""
     if json_path is not None:
-        atomic_write_bytes(Path(json_path), json.dumps(summary, indent=2).encode())
+        write_json(Path(json_path), summary)
     if csv_path is None:
         return
     buf = io.StringIO()

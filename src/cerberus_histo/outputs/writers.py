@@ -8,7 +8,6 @@ nothing holds a slide's objects in memory. Every file is written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
@@ -19,10 +18,18 @@ import shapely
 
 from .._version import __version__
 from ..errors import CerberusError
-from ..io.files import atomic_write, write_png
+from ..io.files import atomic_write, json_text, write_png
 from .geojson import write_geojson, write_hovernet_json
 from .overlay import render_overlay
-from .records import INSTANCE_TASKS, AnnotationRecords, annotation_records, clip_records
+from .records import (
+    INSTANCE_TASKS,
+    AnnotationRecords,
+    annotation_records,
+    clip_records,
+    known_heads,
+    known_results,
+    result_heads,
+)
 from .store import write_store
 from .summary import summarize, write_summary
 
@@ -51,7 +58,7 @@ def write_label_maps(path: Path, results: Mapping, meta: Mapping | None = None) 
             arrays[f"{task}_class"] = _smallest_uint(np.asarray(res.class_map))
         if res.class_prob is not None:
             arrays[f"{task}_prob"] = np.asarray(res.class_prob, np.float16)
-    arrays["meta"] = np.array(json.dumps(dict(meta or {})))
+    arrays["meta"] = np.array(json_text(dict(meta or {})))
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a path
@@ -89,7 +96,7 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
                   centroids_only: bool = False, metadata: Mapping | None = None,
                   overlay_max_side: int | None = 4096,
                   records: Mapping[str, AnnotationRecords] | None = None,
-                  cell: float | None = None) -> dict[str, Path]:
+                  cell: float | None = None, heads: Iterable[str] | None = None) -> dict[str, Path]:
     """Write the results of one image in ``formats``, each file atomically; returns format -> path.
 
     Files: ``{stem}.geojson`` (QuPath), ``{stem}.db`` (TIAToolbox SQLiteStore), ``{stem}.npz`` (label maps),
@@ -99,8 +106,12 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
     the store's metadata beside ``mpp``, ``processing_mpp``, ``scale``, ``offset``, ``software`` and ``model``.
     Every geometry is clipped to the image (``image``'s extent, else the maps' times ``scale``).
     ``records``: the :func:`~.records.annotation_records` of these results with the same ``mpp``, ``scale`` and
-    ``offset``, when already built; built here otherwise. ``cell``: map pixels per tissue class cell. Unknown
-    formats and folders that cannot be written are one-line :class:`CerberusError` s.
+    ``offset``, when already built; built here otherwise. ``cell``: map pixels per tissue class cell. ``heads``:
+    the model's trusted heads (:func:`~cerberus_histo.config.trusted_heads`; None: every head ``results`` hold);
+    every file says only what they know (:func:`~.records.known_results`: no objects or maps of an untrusted
+    ``inst``/``class`` head, untyped instances without a trusted ``type`` head), and the store's and the ``.npz``'s
+    metadata list them as ``trusted_heads``. Unknown formats and folders that cannot be written are one-line
+    :class:`CerberusError` s.
     """
     fmts = check_formats(formats)
     folder = Path(folder)
@@ -110,8 +121,12 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
         raise _cannot_write(folder, exc) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise _cannot_write(folder, PermissionError())
+    held = set(result_heads(results))
+    known = [h for h in known_heads(config, heads) if h in held]
+    results = known_results(results, known)
     if records is None:
         records = annotation_records(results, config, mpp, scale, offset, cell=cell)
+    records = {t: r for t, r in records.items() if t in results}
     shape = next((tuple(r.inst_map.shape) for r in results.values() if r.inst_map is not None), None)
     size = image.shape[:2] if image is not None else (None if shape is None else (shape[0] * scale, shape[1] * scale))
     if size is not None:  # every geometry inside the image (resampled maps may reach half a pixel past it)
@@ -125,7 +140,7 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
 
     meta = {"mpp": float(mpp), "processing_mpp": float(mpp) * float(scale), "scale": float(scale),
             "offset": [float(v) for v in offset], "software": {"cerberus_histo": __version__},
-            "model": config.to_dict(), **dict(metadata or {})}
+            "model": config.to_dict(), "trusted_heads": known, **dict(metadata or {})}
     paths: dict[str, Path] = {}
     try:
         for fmt in fmts:
@@ -135,7 +150,7 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
             elif fmt == "sqlite":
                 write_store(path, records, meta)
             elif fmt == "npz":
-                frame = ("mpp", "processing_mpp", "scale", "offset", "tissue_cell")
+                frame = ("mpp", "processing_mpp", "scale", "offset", "tissue_cell", "trusted_heads")
                 write_label_maps(path, results, {k: meta[k] for k in frame if k in meta})
             elif fmt == "hovernet":
                 write_hovernet_json(path, records, mag=round(10.0 / float(mpp), 2))
@@ -147,7 +162,7 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
             elif fmt == "csv":
                 area = 0.0 if size is None else float(size[0]) * float(size[1]) * float(mpp) ** 2
                 summary = summarize(records, config, analysed_area_um2=area, class_map=class_map, cell=cell_out,
-                                    offset=offset)
+                                    offset=offset, heads=known)
                 write_summary(None, path, summary)
             paths[fmt] = path
     except OSError as exc:
@@ -157,22 +172,27 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
 
 def write_slide_outputs(store, config, paths: Mapping[str, Path], *, mpp: float, class_map: np.ndarray | None,
                         cell: float, analysed_area_um2: float, thumbnail: np.ndarray, thumbnail_scale: float,
-                        centroids_only: bool = False) -> dict:
+                        centroids_only: bool = False, heads: Iterable[str] | None = None) -> dict:
     """Write a finished slide's files from its store (``store``: an :class:`~.store.AnnotationStore` in level-0
     pixels at ``mpp``), streaming its records: ``paths["geojson"]``, ``paths["hovernet"]``, the summary
     (``paths["summary_json"]``, ``paths["summary_csv"]``), the tissue-class map PNG (``paths["tissue"]``, one
     pixel per ``cell`` level-0 pixels, values = class index) and the overlay on ``thumbnail``
-    (``thumbnail_scale`` thumbnail pixels per level-0 pixel) at ``paths["thumbnail"]``. Returns the summary."""
-    tasks = [t.name for t in config.tasks]
+    (``thumbnail_scale`` thumbnail pixels per level-0 pixel) at ``paths["thumbnail"]``. ``heads``: the model's
+    trusted heads (None: every head of ``config``): the store holds only their objects (the slide run keeps to
+    them), and without a trusted tissue head no tissue map is written. Returns the summary."""
+    known = known_heads(config, heads)
+    tasks = [t for t in INSTANCE_TASKS if f"{t}-inst" in known]
+    if "tissue-class" not in known:
+        class_map = None
     write_geojson(paths["geojson"], store.records(config), centroids_only=centroids_only)
-    write_hovernet_json(paths["hovernet"], {t: store.records(config, task=t) for t in INSTANCE_TASKS if t in tasks},
+    write_hovernet_json(paths["hovernet"], {t: store.records(config, task=t) for t in tasks},
                         mag=round(10.0 / float(mpp), 2))
     summary = summarize(store.records(config), config, analysed_area_um2=analysed_area_um2, class_map=class_map,
-                        cell=cell)
+                        cell=cell, heads=known)
     write_summary(paths["summary_json"], paths["summary_csv"], summary)
     if class_map is not None:
         write_png(paths["tissue"], class_map)
-    outlines = chain.from_iterable(store.records(config, task=t) for t in INSTANCE_TASKS if t in tasks)
+    outlines = chain.from_iterable(store.records(config, task=t) for t in tasks)
     write_png(paths["thumbnail"], render_overlay(thumbnail, outlines, config, class_map=class_map, cell=cell,
                                                  scale=thumbnail_scale, max_side=None, thumbnail=True))
     return summary

@@ -41,7 +41,7 @@ def resolve_folder(source: Source, config: ModelConfig, work_dir: Path, progress
     """``(patch folder, record)`` of a source: a dataset folder's patches are first extracted into ``work_dir``
     at the model's mpp; a patch folder must hold patches at the model's mpp. The record (folder, heads, the
     patches' ``mpp`` and the range of the images' own, ``dataset_mpp``) goes into ``train.yaml``."""
-    from ..data.patches import extract_patches, read_meta
+    from ..data.patches import META_FILE, extract_patches, read_meta
     from ..data.resolution import same_mpp
 
     folder = Path(source.folder)
@@ -69,6 +69,12 @@ def resolve_folder(source: Source, config: ModelConfig, work_dir: Path, progress
         if not same_mpp(meta["mpp"], config.mpp):
             raise CerberusError(f"{where}: patches at {meta['mpp']:g} um/px but the model works at {config.mpp:g}; "
                                 f"re-extract them with --mpp {config.mpp:g}, or give the dataset folder")
+        if meta.get("win_size"):  # one patch set per folder: never two window sizes mixed
+            sets = sorted({p.parent.name for p in where.rglob("*.npz")})
+            if sets != [f"{meta['win_size']}_{meta['step_size']}"] and sets:
+                raise CerberusError(f"{where} holds patch sets {', '.join(sets)} but its {META_FILE} describes "
+                                    f"{meta['win_size']}_{meta['step_size']} only; remove the others or extract "
+                                    "into a new --out")
     ranges = [m.get("image_mpp_range", [m["mpp"], m["mpp"]]) for _, m in metas]
     record["dataset_mpp"] = [min(r[0] for r in ranges), max(r[1] for r in ranges)]
     return folder, record

@@ -12,25 +12,47 @@ precision) and writes the run folder::
       model/                     # the final model: model.yaml + weights.pt (+ train.yaml); Cerberus.load(...)
       model-best/                # the best validated model, when there was validation
       summary.json               # steps, samples per second, last validation metrics, ranks agreement
+      patches/                   # patches extracted from dataset folders given as data (a cache)
+
+A folder that holds an earlier run (any of :data:`RUN_FILES`) is only continued (``resume``) or replaced
+(``overwrite``: the earlier run's files and its patch cache are removed first, nothing else); a run that fails
+before training starts leaves no folder it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import logging
+import os
+import sys
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
 
 from ..config import IMAGENET_NORM, ModelConfig
-from ..errors import CerberusError, ConfigError
-from ..io.files import atomic_write_bytes
-from ..tasks import get_task
+from ..errors import CerberusError, ConfigError, Stopped
+from ..infer.runtime import cpu_cores, cpu_has_native_bf16
+from ..io.files import write_json
+from ..progress import show_progress
+from ..tasks import TASKS, get_task
 from .config import TrainConfig
 from .datamodule import Source
 
 TASK_ORDER = ("gland", "lumen", "nuclei", "tissue")
+#: what a training run writes into its folder, besides ``patches/`` (:data:`PATCH_CACHE`)
+RUN_FILES = ("train.yaml", "summary.json", "checkpoints", "csv", "tensorboard", "model", "model-best")
+PATCH_CACHE = "patches"  # the patches of dataset folders given as data, extracted into the run folder
+LIGHTNING_NOISE = (  # warnings silenced while training, each matched exactly: every other warning shows
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch >= 2.10 about Lightning's own pytree code
+    r"torch\.distributed\.nn\.functional\.all_gather is deprecated",  # Lightning's all_gather, under DDP
+    r"It is recommended to use `self\.log\('val/",  # sync_dist: every rank validates the same samples (module.py)
+    # a resume: the folder is ours (a foreign run is refused before), and the batch sampler's position is restored
+    # with the checkpoint, so the run continues exactly (tests/test_train.py::test_resume_continues_exactly)
+    r"Checkpoint directory .* exists and is not empty",
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+)
 
 
 def _with_overrides(config: ModelConfig, train_config: TrainConfig) -> ModelConfig:
@@ -47,9 +69,13 @@ def _with_overrides(config: ModelConfig, train_config: TrainConfig) -> ModelConf
         weights = train_config.class_weights.get(task.name, task.class_weights)
         tasks.append(dataclasses.replace(task, heads=tuple(heads), class_weights=weights))
     known = {h for t in config.tasks for h in t.head_names}
-    unknown = sorted(set(train_config.heads) - known) + sorted(set(train_config.class_weights) - {t.name for t in config.tasks})
-    if unknown:
-        raise ConfigError(f"params: no head or task {', '.join(unknown)} in this model; heads: {', '.join(sorted(known))}")
+    named = sorted(set(train_config.heads) - known) + sorted(set(train_config.class_weights) - {t.name for t in config.tasks})
+    builtin = {h for t in TASKS.values() for h in t.head_names} | set(TASKS)
+    typos = [n for n in named if n not in builtin]
+    if typos:
+        raise ConfigError(f"params: no head or task {', '.join(typos)}; heads of this model: {', '.join(sorted(known))}")
+    if named:  # one params.yaml serves runs of several head sets (docs/training.md)
+        warnings.warn(f"params: {', '.join(named)} not in this run's model; ignored", stacklevel=3)
     return dataclasses.replace(config, tasks=tuple(tasks))
 
 
@@ -93,6 +119,8 @@ def build_model(heads: list[str], train_config: TrainConfig, pretrained: str | N
         if unexpected or any(not k.startswith("heads.") for k in missing):
             raise CerberusError(f"{pretrained}: its weights do not fit the model to train")
         source = f"model folder {pretrained}" + (f" (new heads: {', '.join(new)})" if new else "")
+        # the heads the folder had trained stay trained (saved with this run's in the model's trained_heads)
+        model.provenance = {"trained_heads": [h for h in base.trusted_heads if h not in new]}
         return model, source
     tasks = []
     for name in TASK_ORDER:
@@ -132,17 +160,128 @@ def _trainer_kwargs(train_config: TrainConfig, accelerator: str, devices, num_no
     return kwargs
 
 
+def check_hardware(train_config: TrainConfig, accelerator: str, devices) -> TrainConfig:
+    """Check ``accelerator`` and ``devices`` against this machine before anything is built: a GPU or MPS that is not
+    here, or bad ``devices``, is a one-line error; CPU processes started where GPUs may have been meant, or more
+    of them than cores, are announced (a warning). Returns ``train_config``, with ``16-mixed`` replaced on a CPU
+    (slow there) by ``bf16-mixed`` where the CPU has native bf16, else ``32``, with a warning."""
+    import torch
+
+    if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0)):
+        raise CerberusError(f"--devices must be a positive integer or auto, got {devices!r}")
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if accelerator in ("gpu", "cuda") and not (cuda or (mps and accelerator == "gpu")):
+        raise CerberusError(f"--accelerator {accelerator}: no GPU found (torch {torch.__version__} sees no CUDA "
+                            "device); use --accelerator cpu or auto")
+    if accelerator == "mps" and not mps:
+        raise CerberusError("--accelerator mps: Apple MPS is not available here; use --accelerator cpu or auto")
+    if accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        raise CerberusError(f"--accelerator {accelerator!r} is unknown; use auto, cpu, gpu or mps")
+    on_cuda = cuda and (accelerator in ("gpu", "cuda") or (accelerator == "auto" and not mps))
+    if on_cuda and isinstance(devices, int) and devices > torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise CerberusError(f"--devices {devices}: {n} GPU{'s' * (n != 1)} found; use --devices {n} or fewer")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda and not mps)
+    first = _first_process()  # DDP starts this again in each process: warn once
+    if on_cpu and isinstance(devices, int) and devices > 1 and first:
+        cores = cpu_cores()
+        if accelerator == "auto" or devices > cores:
+            msg = f"--devices {devices} starts {devices} CPU processes (DDP) on {cores} core{'s' * (cores != 1)}"
+            if accelerator == "auto":
+                msg = f"no GPU found: {msg}"
+            if devices > cores:
+                msg += f"; more processes than cores slow each other down: use --devices {cores} or fewer"
+            warnings.warn(msg, stacklevel=3)
+    if on_cpu and train_config.precision == "16-mixed":
+        native = cpu_has_native_bf16()
+        used = "bf16-mixed" if native else "32"
+        if first:
+            warnings.warn(f"precision 16-mixed on a CPU is slow (no fp16 arithmetic there): training with {used} "
+                          f"instead ({'native bf16 on this CPU' if native else 'no native bf16 on this CPU'})",
+                          stacklevel=3)
+        train_config = train_config.replace(precision=used)
+    return train_config
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """While training: Lightning's tips (litlogger, litmodels) and the :data:`LIGHTNING_NOISE` warnings silenced;
+    Lightning's other info lines (on stderr) and every other warning show as before. Nothing global is changed
+    outside the block."""
+    import lightning_utilities.core.rank_zero as rank_zero
+
+    loggers = {logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero",
+                                                    "lightning.fabric.utilities.rank_zero")} | {rank_zero.log}
+    tips = _NoTips()
+    for logger in loggers:
+        logger.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for pattern in LIGHTNING_NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(tips)
+
+
+def _progress_bar():
+    """Lightning's tqdm progress bar, written to stderr: Lightning's own writes to stdout, where results go."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    class StderrProgressBar(TQDMProgressBar):
+        def _bar(self, desc: str, position: int, leave: bool, **kwargs) -> Tqdm:
+            return Tqdm(desc=desc, position=position, disable=self.is_disabled, leave=leave, dynamic_ncols=True,
+                        file=sys.stderr, bar_format=self.BAR_FORMAT, **kwargs)
+
+        def init_sanity_tqdm(self) -> Tqdm:
+            return self._bar(self.sanity_check_description, 2 * self.process_position, False)
+
+        def init_train_tqdm(self) -> Tqdm:
+            return self._bar(self.train_description, 2 * self.process_position, True, smoothing=0)
+
+        def init_predict_tqdm(self) -> Tqdm:
+            return self._bar(self.predict_description, 2 * self.process_position, True, smoothing=0)
+
+        def init_validation_tqdm(self) -> Tqdm:
+            has_main_bar = self.trainer.state.fn != "validate"  # as Lightning's: below the training bar
+            return self._bar(self.validation_description, 2 * self.process_position + has_main_bar,
+                             not has_main_bar)
+
+        def init_test_tqdm(self) -> Tqdm:
+            return self._bar("Testing", 2 * self.process_position, True)
+
+    return StderrProgressBar()
+
+
 def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig | None = None, *,
           fold: int = 1, mix: bool = True, pretrained: str | None = None, subtype: str | None = None,
           accelerator: str = "auto", devices="auto", num_nodes: int = 1, resume: str | None = None,
-          progress: bool = True) -> dict | None:
+          progress: bool = True, overwrite: bool = False) -> dict | None:
     """Train on ``sources`` and write the run folder ``log_dir`` (see the module docstring); returns the
     summary (``None`` on ranks other than 0). ``subtype`` (``"gland"``/``"nuclei"``) is stage 2: only that task's type head trains, the rest
-    of the network (batch-norm statistics included) stays as in the ``pretrained`` model folder."""
+    of the network (batch-norm statistics included) stays as in the ``pretrained`` model folder.
+
+    ``accelerator`` and ``devices`` are checked first (:func:`check_hardware`: a GPU that is not here is a one-line
+    error, ``16-mixed`` on a CPU becomes ``bf16-mixed`` or ``32`` with a warning). ``progress``: Lightning's bars,
+    on stderr and only when it is a terminal; its tips and the deprecation notes of its dependencies are silenced
+    (:data:`LIGHTNING_NOISE`). The summary's ``steps`` is the global step at the end (with a resumed run's earlier
+    steps; ``resumed_from_step`` says where this run began).
+
+    A ``log_dir`` holding an earlier run is an error unless ``resume`` continues it or ``overwrite`` replaces it
+    (its :data:`RUN_FILES` and patch cache are removed once the data and ``pretrained`` are found, before any
+    patch is extracted); an empty folder, or one holding none of a run's files, is used as it is."""
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .datamodule import CerberusData, fold_files, resolve_folder, splits_of
     from .module import CerberusModule
@@ -160,21 +299,27 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
         if head not in heads:
             raise CerberusError(f"--subtype {subtype} trains {head}: give --{subtype}-dir with --{subtype}-type")
         trainable = (head,)
+    _check_log_dir(log_dir, resume, overwrite)
+    cfg = check_hardware(cfg, accelerator, devices)
     ckpt = _resume_path(resume, log_dir)
-    if cfg.precision == "16-mixed" and not torch.cuda.is_available():
-        raise ConfigError("precision 16-mixed needs a CUDA GPU; use bf16-mixed on CPU")
+    missing = [s.folder for s in sources if not Path(s.folder).is_dir()]
+    if missing:  # before any source is extracted into the run folder
+        raise CerberusError(f"{missing[0]}: data folder not found")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model, origin = build_model(heads, cfg, pretrained)
     cfg = cfg.replace(val_every=min(cfg.val_every, cfg.max_steps))
-    folders, records = zip(*[resolve_folder(s, model.config, log_dir, progress) for s in sources], strict=True)
-    with_fold = [f for f in folders if fold in splits_of(f)]
-    resolved = []
-    for s, folder, record in zip(sources, folders, records, strict=True):
-        files = fold_files(folder, fold, strict=not with_fold)  # every source lacking the fold is an error
-        if fold and not files[1]:
-            warnings.warn(f"{folder} has no split {fold}: all its patches train, none validate", stacklevel=2)
-        record["validated"] = bool(files[1])
-        resolved.append((Source(folder, s.heads), *files))
+    if overwrite and _first_process():
+        _remove_run(log_dir, sources)
+    with _no_new_folder_on_error(log_dir):  # extraction writes into the run folder; a failure here leaves none
+        folders, records = zip(*[resolve_folder(s, model.config, log_dir, progress) for s in sources], strict=True)
+        with_fold = [f for f in folders if fold in splits_of(f)]
+        resolved = []
+        for s, folder, record in zip(sources, folders, records, strict=True):
+            files = fold_files(folder, fold, strict=not with_fold)  # every source lacking the fold is an error
+            if fold and not files[1]:
+                warnings.warn(f"{folder} has no split {fold}: all its patches train, none validate", stacklevel=2)
+            record["validated"] = bool(files[1])
+            resolved.append((Source(folder, s.heads), *files))
     cfg = cfg.replace(sources=list(records))
     data = CerberusData(resolved, model.config, cfg, mix=mix)
     module = CerberusModule(model, cfg, trainable)
@@ -189,23 +334,33 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
         callbacks.append(best)
     start_step = _checkpoint_step(ckpt)
     csv_version = f"from-step-{start_step:06d}" if start_step else ""  # a resumed run keeps the earlier rows
-    trainer = L.Trainer(
-        **_trainer_kwargs(cfg, accelerator, devices, num_nodes), max_steps=cfg.max_steps,
-        max_time=None if cfg.max_minutes is None else timedelta(minutes=cfg.max_minutes),
-        logger=[CSVLogger(log_dir, name="csv", version=csv_version),
-                TensorBoardLogger(log_dir, name="tensorboard", version="")],
-        callbacks=callbacks, val_check_interval=cfg.val_every if validate else None,
-        check_val_every_n_epoch=None, limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
-        use_distributed_sampler=False, enable_progress_bar=progress, enable_model_summary=False,
-        log_every_n_steps=min(50, cfg.val_every), default_root_dir=log_dir, deterministic=False)
-    if trainer.is_global_zero:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(log_dir / "train.yaml")
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    seconds = time.perf_counter() - t0
-    if validate and module.validated_at != trainer.global_step:  # the end of the run is always validated
-        trainer.validate(module, datamodule=data, verbose=False)
+    bars = show_progress(progress)
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            **_trainer_kwargs(cfg, accelerator, devices, num_nodes), max_steps=cfg.max_steps,
+            max_time=None if cfg.max_minutes is None else timedelta(minutes=cfg.max_minutes),
+            logger=[CSVLogger(log_dir, name="csv", version=csv_version),
+                    TensorBoardLogger(log_dir, name="tensorboard", version="")],
+            callbacks=callbacks + [_save_on_sigterm(log_dir / LAST)] + ([_progress_bar()] if bars else []),
+            val_check_interval=cfg.val_every if validate else None,
+            check_val_every_n_epoch=None, limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
+            use_distributed_sampler=False, enable_progress_bar=bars, enable_model_summary=False,
+            log_every_n_steps=min(50, cfg.val_every), default_root_dir=log_dir, deterministic=False)
+        if trainer.is_global_zero:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(log_dir / "train.yaml")
+        t0 = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+        except SIGTERMException:  # the job is being stopped: _SaveOnSigterm saved where it was
+            message = (f"stopped by SIGTERM at step {trainer.global_step}: checkpoint {log_dir / LAST}; run the same "
+                       "command with --resume to continue (Python: train(..., resume='last'))")
+            if trainer.is_global_zero:
+                print(f"error: {message}", file=sys.stderr, flush=True)
+            raise Stopped(message) from None
+        seconds = time.perf_counter() - t0
+        if validate and module.validated_at != trainer.global_step:  # the end of the run is always validated
+            trainer.validate(module, datamodule=data, verbose=False)
     summary = {"steps": trainer.global_step, "resumed_from_step": start_step, "seconds": round(seconds, 1),
                "samples_per_second": round(module.samples_seen * trainer.world_size / max(seconds, 1e-9), 2),
                "world_size": trainer.world_size, "weights_identical_across_ranks": module.ranks_agree,
@@ -213,8 +368,86 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
                "validation": {k: round(v, 4) for k, v in module.last_validation.items()}}
     if trainer.is_global_zero:
         _write_models(log_dir, model, cfg, best, summary)
-        atomic_write_bytes(log_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        write_json(log_dir / "summary.json", summary)  # strict JSON: a NaN metric is null
     return summary if trainer.is_global_zero else None
+
+
+LAST = Path("checkpoints") / "last.ckpt"  # where --resume starts
+
+
+def _save_on_sigterm(path: Path):
+    """A callback for a batch scheduler (SLURM, Kubernetes) that stops a job with SIGTERM, then SIGKILL seconds
+    later: Lightning ends the loop at the batch's end, and this saves ``path`` (``last.ckpt``) at the step reached,
+    so ``--resume`` continues from there."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class SaveOnSigterm(Callback):
+        def on_exception(self, trainer, pl_module, exception) -> None:
+            if isinstance(exception, SIGTERMException):
+                trainer.save_checkpoint(path, weights_only=False)
+
+    return SaveOnSigterm()
+
+
+def _first_process() -> bool:
+    """Whether this process starts the run: not one that DDP starts again for another device (``LOCAL_RANK`` > 0),
+    nor another rank or node of a launcher (``RANK``, ``NODE_RANK``, ``SLURM_PROCID``)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def run_files(log_dir: Path) -> list[Path]:
+    """The files and folders of an earlier training run in ``log_dir`` (:data:`RUN_FILES`)."""
+    return [Path(log_dir) / name for name in RUN_FILES if (Path(log_dir) / name).exists()]
+
+
+def _check_log_dir(log_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """One-line errors for a ``log_dir`` that is a file, for ``resume`` with ``overwrite``, and for a folder holding
+    an earlier run when neither is given (checked by the first process only: the others find this run's files)."""
+    if log_dir.exists() and not log_dir.is_dir():
+        raise CerberusError(f"--log-dir {log_dir} exists and is not a folder; choose a folder path")
+    if resume and overwrite:
+        raise CerberusError("pass --resume or --overwrite, not both: --resume continues the run in --log-dir, "
+                            "--overwrite replaces it")
+    if resume or overwrite or not _first_process():
+        return
+    found = run_files(log_dir)
+    if found:
+        raise CerberusError(f"--log-dir {log_dir} holds a training run ({', '.join(p.name for p in found)}); pass "
+                            "--resume to continue it, --overwrite to replace it, or choose a new folder")
+
+
+def _remove_run(log_dir: Path, sources: list[Source]) -> None:
+    """``overwrite``: remove an earlier run's :data:`RUN_FILES` and patch cache from ``log_dir``, nothing else; a
+    data folder inside them is an error first."""
+    import shutil
+
+    doomed = run_files(log_dir) + ([log_dir / PATCH_CACHE] if (log_dir / PATCH_CACHE).exists() else [])
+    for s in sources:
+        inside = [p for p in doomed if Path(s.folder).resolve().is_relative_to(p.resolve())]
+        if inside:
+            raise CerberusError(f"{s.folder} lies in {inside[0]}, which --overwrite removes; give the dataset folder, "
+                                "or copy the patches out of --log-dir first")
+    for p in doomed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+@contextlib.contextmanager
+def _no_new_folder_on_error(log_dir: Path):
+    """If the block fails and ``log_dir`` did not exist before it, remove it (it holds no run yet: at most the
+    patches extracted in the block)."""
+    new = not log_dir.exists()
+    try:
+        yield
+    except Exception:
+        if new and _first_process() and not run_files(log_dir):
+            import shutil
+
+            shutil.rmtree(log_dir, ignore_errors=True)
+        raise
 
 
 def _resume_path(resume: str | None, log_dir: Path) -> str | None:
@@ -243,8 +476,12 @@ def _write_models(log_dir: Path, model, cfg: TrainConfig, best, summary: dict) -
     from ..models.checkpoint import save_model
     from ..models.net import CerberusNet
 
+    # trained_heads: this run's heads and those a --pretrained model folder had trained (config order); inference
+    # writes the outputs of these heads only
+    before = set(model.provenance.get("trained_heads") or ())
+    trained = [h for h in model.config.head_names if h in before or h in summary["trained_heads"]]
     model.provenance = {"trained_with": "cerberus train", "steps": summary["steps"],
-                        "initialisation": summary["initialisation"], "trained_heads": ", ".join(summary["trained_heads"])}
+                        "initialisation": summary["initialisation"], "trained_heads": ", ".join(trained)}
     save_model(model, log_dir / "model")
     cfg.save(log_dir / "model" / "train.yaml")
     if best is not None and best.best_model_path:
