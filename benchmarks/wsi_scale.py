@@ -64,6 +64,7 @@ def run_one(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from cerberus_histo import Cerberus
+    from cerberus_histo.infer.options import RunOptions
     from cerberus_histo.infer.wsi import make_predictor, predict_slide
 
     model = Cerberus.load(args.model)
@@ -100,8 +101,9 @@ def run_one(args) -> dict:
     if predictor.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(predictor.device)
     t0 = time.perf_counter()
-    res = predict_slide(predictor, model.config, args.one, args.out, chunk_size=args.chunk_size,
-                        margin_um=args.margin_um, progress=False, echo=lambda m: print(m, file=sys.stderr))
+    res = predict_slide(predictor, model.config, args.one, args.out,
+                        RunOptions(chunk_size=args.chunk_size, margin_um=args.margin_um, progress=False,
+                                   echo=lambda m: print(m, file=sys.stderr)))
     wall = time.perf_counter() - t0
     meta = json.loads(res.paths["metadata"].read_text())
     windows = int(meta["windows"]["run"])

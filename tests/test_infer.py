@@ -268,7 +268,7 @@ def test_cli_folder_with_bad_images(model_dir, tile, tmp_path):
     cv2.imwrite(str(src / "grey16.png"), (tile[:64, :64, 0].astype(np.uint16) * 257))
     (src / "empty.png").write_bytes(b"")
     (src / "notes.png").write_text("not an image\n")
-    proc = run_cli("infer-tile", "--model", model_dir, "--input", src, "--output", out, "--workers", "1",
+    proc = run_cli("infer-tile", "--model", model_dir, "--input", src, "--output", out, "--postproc-workers", "1",
                    "--formats", "geojson,npz,overlay")
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "infer-tile:" not in ln]
@@ -289,7 +289,7 @@ def test_cli_rerun_skips_finished_images(model_dir, tile, tmp_path):
     src, out = tmp_path / "tiles", tmp_path / "out"
     src.mkdir()
     cv2.imwrite(str(src / "a.png"), cv2.cvtColor(tile[:64, :80], cv2.COLOR_RGB2BGR))
-    args = ("infer-tile", "--model", model_dir, "--input", src, "--output", out, "--workers", "0",
+    args = ("infer-tile", "--model", model_dir, "--input", src, "--output", out, "--postproc-workers", "0",
             "--formats", "npz,csv", "--input-shape", "448", "--output-shape", "144")
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
@@ -300,6 +300,30 @@ def test_cli_rerun_skips_finished_images(model_dir, tile, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "1 already done" in second.stdout
     assert (marker.stat().st_mtime_ns, (out / "a.npz").stat().st_mtime_ns) == stamp
+
+
+def test_cli_old_name_workers_is_postproc_workers_for_a_release(model_dir, tile, tmp_path):
+    """`infer-tile --workers`, the old name of --postproc-workers (in infer-wsi --workers starts Dask workers), still
+    sets the post-processing processes, with one warning line; --help shows the new name only."""
+    src = tmp_path / "a.png"
+    cv2.imwrite(str(src), cv2.cvtColor(tile[:64, :80], cv2.COLOR_RGB2BGR))
+    args = ("infer-tile", "--model", model_dir, "--input", src, "--formats", "npz", "--device", "cpu",
+            "--precision", "fp32")
+    old = run_cli(*args, "--output", tmp_path / "old", "--workers", "1")
+    assert old.returncode == 0, old.stderr
+    err = [ln for ln in old.stderr.splitlines() if ln.strip() and "infer-tile:" not in ln]  # (no progress bar)
+    assert err[0] == "warning: infer-tile --workers is now --postproc-workers; --workers will be removed"
+    assert sum("--workers" in ln for ln in err) == 1 and "1 post-processing worker" in err[1], err
+    new = run_cli(*args, "--output", tmp_path / "new", "--postproc-workers", "1")
+    assert new.returncode == 0 and "--workers" not in new.stderr and "1 post-processing worker" in new.stderr
+    with np.load(tmp_path / "old" / "a.npz") as a, np.load(tmp_path / "new" / "a.npz") as b:
+        assert set(a.files) == set(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
+    both = run_cli(*args, "--output", tmp_path / "both", "--workers", "1", "--postproc-workers", "1")
+    assert both.returncode == 2 and both.stderr.strip().splitlines()[-1].startswith(
+        "error: pass --postproc-workers only (--workers is its old name)")
+    helps = {c: run_cli(c, "--help").stdout for c in ("infer-tile", "infer-wsi")}
+    assert "--postproc-workers" in helps["infer-tile"] and "--workers" not in helps["infer-tile"]
+    assert "--postproc-workers" in helps["infer-wsi"] and "--workers" in helps["infer-wsi"]  # Dask workers there
 
 
 def test_cli_model_folder_without_weights(model_dir, tile, tmp_path):

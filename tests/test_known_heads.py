@@ -221,7 +221,7 @@ def one_head_run(request, synth, tmp_path_factory) -> dict:
     tiles = root / "tiles"
     tiles.mkdir()
     cv2.imwrite(str(tiles / "a.png"), cv2.cvtColor(synth_tile(384, seed=3).image, cv2.COLOR_RGB2BGR))
-    tile = run_cli("infer-tile", "--model", model, "--input", tiles, "--output", root / "tile-out", "--workers", "0",
+    tile = run_cli("infer-tile", "--model", model, "--input", tiles, "--output", root / "tile-out", "--postproc-workers", "0",
                    "--mpp", "0.5", "--device", "cpu", "--precision", "fp32")
     assert tile.returncode == 0, tile.stderr[-3000:]
     wsi = run_cli("infer-wsi", "--model", model, "--input", synth, "--output", root / "wsi-out", *WINDOW,

@@ -16,7 +16,7 @@ LAYERS = (
     {"io", "data", "models"},
     {"postproc", "metrics", "outputs"},
     {"infer", "train"},
-    {"api", "demo", "cli", "__main__", ""},
+    {"api", "demo", "view", "cli", "__main__", ""},
 )
 TORCH_FREE = ("postproc", "metrics", "outputs", "io", "data")
 

@@ -76,7 +76,7 @@ def test_progress_bar_shows_on_a_terminal_stderr_only(monkeypatch, capsys):
 
 def test_infer_tile_bar_stays_out_of_a_redirected_stderr(data, tmp_path):
     proc = run_cli("infer-tile", "--model", data["model"], "--input", data["tiles"], "--output", tmp_path / "out",
-                   "--formats", "npz", "--device", "cpu", "--precision", "fp32", "--workers", "0")
+                   "--formats", "npz", "--device", "cpu", "--precision", "fp32", "--postproc-workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mark in BAR_MARKS:
         assert mark not in proc.stderr and mark not in proc.stdout, (mark, proc.stderr)
@@ -179,7 +179,7 @@ def test_fp16_on_a_cpu_becomes_bf16_or_fp32_with_a_warning(monkeypatch):
 
 def test_infer_tile_fp16_on_cpu_says_so(data, tmp_path):
     proc = run_cli("infer-tile", "--model", data["model"], "--input", data["tiles"], "--output", tmp_path / "out",
-                   "--formats", "npz", "--device", "cpu", "--precision", "fp16", "--workers", "0")
+                   "--formats", "npz", "--device", "cpu", "--precision", "fp16", "--postproc-workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     warned = [line for line in proc.stderr.splitlines() if line.startswith("warning: ") and "fp16" in line]
     assert len(warned) == 1, proc.stderr

@@ -98,3 +98,15 @@ def test_a_failing_job_reaches_on_done():
     with WorkerPool(0, lambda tag, fut: got.append((tag, type(fut.exception()).__name__))) as pool:
         pool.submit(np.log, "not a number", "a")
     assert got == [("a", "TypeError")]
+
+
+def test_the_command_keeps_its_workers(inputs, tmp_path):
+    """``python -m cerberus_histo`` (and the ``cerberus`` script) guard their main call, so a spawned worker never
+    runs the command again and post-processing really runs in a worker process."""
+    from conftest import run_cli
+
+    proc = run_cli("infer-tile", "--model", inputs / "model", "--input", inputs / "tiles", "--output", tmp_path / "o",
+                   "--mpp", "4.0", "--threads", "1", "--postproc-workers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "would re-run this script" not in proc.stderr and "1 post-processing worker" in proc.stderr
+    assert "2 images done" in proc.stdout

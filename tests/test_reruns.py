@@ -18,8 +18,9 @@ from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.patches import extract_patches
 from cerberus_histo.data.synthetic import synth_tile, write_tiles
 from cerberus_histo.errors import CerberusError
+from cerberus_histo.infer.options import RunOptions
 from cerberus_histo.infer.tiles import infer_tiles
-from cerberus_histo.infer.wsi import make_predictor, predict_slide, weights_id
+from cerberus_histo.infer.wsi import SlideJob, make_predictor, predict_slide, weights_id
 from cerberus_histo.models.checkpoint import load_model
 from cerberus_histo.outputs.store import AnnotationStore
 from cerberus_histo.train.config import TrainConfig
@@ -65,7 +66,7 @@ def _said(proc) -> list[str]:
 # ---- 1. tile results made with other settings are redone ---------------------------------------------------
 def test_cli_tile_rerun_with_another_model_or_mpp_redoes_the_images(models, tiles, tmp_path):
     out = tmp_path / "out"
-    args = ("infer-tile", "--input", tiles, "--output", out, "--workers", "0", "--formats", "npz,geojson")
+    args = ("infer-tile", "--input", tiles, "--output", out, "--postproc-workers", "0", "--formats", "npz,geojson")
     first = run_cli(*args, "--model", models["a"])
     assert first.returncode == 0, first.stderr
     settings = json.loads((out / "done" / "t0.json").read_text())["settings"]
@@ -263,8 +264,8 @@ def test_slide_marker_without_settings_is_redone(slide_models, slide, tmp_path):
     (tmp_path / "done" / "s.json").write_text(json.dumps(marker))
     said: list[str] = []
     predictor = make_predictor(model, input_shape=192, output_shape=128, postproc_workers=0)
-    res = predict_slide(predictor, model.config, slide, tmp_path, model_id=weights_id(model), chunk_size=256,
-                        progress=False, echo=said.append)
+    res = predict_slide(predictor, model.config, SlideJob(slide, model_id=weights_id(model)), tmp_path,
+                        RunOptions(chunk_size=256, progress=False, echo=said.append))
     assert not res.skipped and "s.tif: made with other settings (not recorded); redone" in said
     assert "settings" in _marker(tmp_path)
     # predict_wsi compares too: --centroids-only is another result
@@ -292,19 +293,18 @@ def test_cluster_parent_leaves_a_precision_it_cannot_know_to_the_workers(slide_m
     a slide whose other settings are the same goes to a worker (whose predict_slide compares the precision too);
     one made with another model is said to be redone by the parent."""
     from cerberus_histo.infer.cohort import CohortRun, _predictor, _redo_reasons, _workers_precision, infer_wsi
-    from cerberus_histo.infer.options import RunOptions
 
     infer_wsi(slide_models["a"], slide, tmp_path, **(SLIDE_RUN | {"precision": "fp32"}))
     done, opts = _marker(tmp_path), RunOptions(**SLIDE_RUN)
     for name, expected in (("a", None), ("b", ["model"])):
         built = _predictor(CohortRun(str(slide_models[name]), str(tmp_path), opts), "cpu")
         assert _workers_precision(built[0], opts, 0, "tcp://head:8786") is None
-        assert _redo_reasons(done, built, opts, slide, "s", None, None) == expected
+        assert _redo_reasons(done, built, opts, slide, "s", None) == expected
     fp32 = opts.replace(precision="fp32")
     built = _predictor(CohortRun(str(slide_models["a"]), str(tmp_path), fp32), "cpu")
     assert _workers_precision(built[0], fp32, 0, "tcp://head:8786") == "fp32"
-    assert _redo_reasons(done, built, fp32, slide, "s", None, "fp32") == []
-    assert _redo_reasons(done, built, fp32, slide, "s", None, "bf16") == ["precision"]
+    assert _redo_reasons(done, built, fp32, slide, "s", "fp32") == []
+    assert _redo_reasons(done, built, fp32, slide, "s", "bf16") == ["precision"]
 
 
 # ---- 2. a training run folder is not silently replaced -----------------------------------------------------

@@ -14,6 +14,7 @@ from conftest import assert_clean_error, run_cli
 from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.infer import runtime as rt
 from cerberus_histo.infer.engine import Predictor
+from cerberus_histo.infer.options import RunOptions
 from cerberus_histo.infer.tiling import Geometry, coverage, plan_tiles
 from cerberus_histo.infer.wsi import make_predictor, plan_chunks, predict_slide
 
@@ -107,8 +108,8 @@ def test_strip_slide_runs_fitted_windows(tiny, tmp_path):
     shapes = []
     plan = p.plan
     p.plan = lambda w, h, fit=None: shapes.append(plan(w, h, fit).window_shape) or plan(w, h, fit)
-    res = predict_slide(p, tiny.config, tmp_path / "strip.png", tmp_path / "out", mpp=0.5, mask=tmp_path / "mask.png",
-                        chunk_size=1024, progress=False)
+    res = predict_slide(p, tiny.config, tmp_path / "strip.png", tmp_path / "out",
+                        RunOptions(mpp=0.5, mask=tmp_path / "mask.png", chunk_size=1024, progress=False))
     assert set(shapes) == {(16 + 128, 256)}  # windows fitted along y (one chunk), the grid along x (three)
     meta = json.loads(res.paths["metadata"].read_text())
     chunks = plan_chunks(3000, 16, 128, 1024, 512)

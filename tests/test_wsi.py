@@ -26,9 +26,10 @@ from scipy.spatial import cKDTree
 from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.slide import SlideTruth, write_synthetic_slide
 from cerberus_histo.infer.chunks import TISSUE_PAD_UM, mask_cells, plan_chunks, window_keeper
+from cerberus_histo.infer.options import RunOptions
 from cerberus_histo.infer.results import RegionPrediction
 from cerberus_histo.infer.tiling import Geometry, plan_tiles
-from cerberus_histo.infer.wsi import WSIResult, predict_slide
+from cerberus_histo.infer.wsi import SlideJob, WSIResult, predict_slide
 from cerberus_histo.io.grid import GridReader
 from cerberus_histo.io.slides import open_slide
 from cerberus_histo.io.tissue import tissue_mask
@@ -157,8 +158,8 @@ def synth(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def oracle_run(synth, tmp_path_factory) -> tuple[Oracle, WSIResult]:
     oracle = Oracle(synth)
-    res = predict_slide(oracle, CONFIG, synth, tmp_path_factory.mktemp("oracle"), chunk_size=512, margin_um=128,
-                        postproc_workers=0, progress=False)
+    res = predict_slide(oracle, CONFIG, synth, tmp_path_factory.mktemp("oracle"),
+                        RunOptions(chunk_size=512, margin_um=128, postproc_workers=0, progress=False))
     return oracle, res
 
 
@@ -286,26 +287,26 @@ def test_interrupted_run_resumes_to_the_same_store(synth, oracle_run, tmp_path):
                 raise Stop
         return hook
 
-    run = dict(chunk_size=512, margin_um=128, postproc_workers=0, progress=False)
+    run = RunOptions(chunk_size=512, margin_um=128, postproc_workers=0, progress=False)
     with pytest.raises(Stop):
-        predict_slide(Oracle(synth), CONFIG, synth, tmp_path, on_commit=stop_at(2), **run)
+        predict_slide(Oracle(synth), CONFIG, SlideJob(synth, on_commit=stop_at(2)), tmp_path, run)
     partial = tmp_path / "synth.db.partial"
     assert partial.is_file() and not (tmp_path / "synth.db").exists() and not (tmp_path / "done").exists()
     assert len(store_rows(partial, "cerberus_chunks")) == 2
-    res = predict_slide(Oracle(synth), CONFIG, synth, tmp_path, **run)
+    res = predict_slide(Oracle(synth), CONFIG, synth, tmp_path, run)
     assert not partial.exists() and res.paths["marker"].is_file()
     assert json.loads(res.paths["metadata"].read_text())["chunks"]["done_before"] == 2
     for table in ("annotations", "rtree"):
         assert store_rows(res.paths["store"], table) == store_rows(full.paths["store"], table)
-    again = predict_slide(Oracle(synth), CONFIG, synth, tmp_path, **run)
+    again = predict_slide(Oracle(synth), CONFIG, synth, tmp_path, run)
     assert again.skipped and again.counts == res.counts
     # a partial result of other settings is never resumed: with another margin the slide starts again
     with pytest.raises(Stop):
-        predict_slide(Oracle(synth), CONFIG, synth, tmp_path / "b", on_commit=stop_at(2), **run)
+        predict_slide(Oracle(synth), CONFIG, SlideJob(synth, on_commit=stop_at(2)), tmp_path / "b", run)
     lines: list[str] = []
     with pytest.raises(Stop):
-        predict_slide(Oracle(synth), CONFIG, synth, tmp_path / "b", on_commit=stop_at(1), echo=lines.append,
-                      **dict(run, margin_um=200))
+        predict_slide(Oracle(synth), CONFIG, SlideJob(synth, on_commit=stop_at(1)), tmp_path / "b",
+                      run.replace(margin_um=200, echo=lines.append))
     assert any("starting this slide again" in line for line in lines)
     assert len(store_rows(tmp_path / "b" / "synth.db.partial", "cerberus_chunks")) == 1
 

@@ -68,23 +68,21 @@ class Cerberus(CerberusNet):
 
         return predict_tile(self, image, mpp=mpp, **options)
 
-    def predict_wsi(self, slide, output="cerberus-wsi", *, mpp: float | None = None, mask=None,
-                    chunk_size: int | None = None, margin_um: float = 256.0, centroids_only: bool = False,
-                    progress: bool = True, **options):
+    def predict_wsi(self, slide, output="cerberus-wsi", **settings):
         """Glands, lumina, nuclei and tissue classes of a whole slide, predicted chunk by chunk with bounded memory
         and written to ``output`` (a folder): the SQLite store (TIAToolbox), QuPath GeoJSON, summary JSON/CSV,
         thumbnail overlay, tissue mask and metadata, all in level-0 pixels. Returns a
         :class:`~cerberus_histo.infer.wsi.WSIResult` (output paths, summary, counts, timings).
 
-        ``mpp`` overrides the slide's level-0 resolution; ``mask`` is a tissue mask image (default: computed);
-        ``chunk_size`` (model px; default: the largest the memory budget allows) and ``margin_um`` set the
-        chunking; a re-run resumes an interrupted slide, skips one finished with the same settings and redoes one
-        finished with others (docs/wsi.md). ``options`` go to
-        :func:`~cerberus_histo.infer.wsi.make_predictor` (``batch_size``, ``device``, ``precision``, ``tta``,
-        ``threads``, ``postproc_workers``, ``memory_gb``, ``input_shape``, ``output_shape``; left out, they are
-        chosen for the machine). See ``docs/wsi.md``.
+        ``settings`` are those of :class:`~cerberus_histo.infer.options.RunOptions`: ``mpp`` overrides the slide's
+        level-0 resolution; ``mask`` is a tissue mask image (default: computed); ``chunk_size`` (model px; default:
+        the largest the memory budget allows) and ``margin_um`` (256) set the chunking; ``centroids_only``,
+        ``progress`` and ``echo`` the outputs and messages; ``batch_size``, ``device``, ``precision``, ``tta``,
+        ``threads``, ``postproc_workers``, ``memory_gb``, ``input_shape`` and ``output_shape`` the network's run
+        (:func:`~cerberus_histo.infer.wsi.make_predictor`; left out, they are chosen for the machine). A re-run
+        resumes an interrupted slide, skips one finished with the same settings and redoes one finished with
+        others. See ``docs/wsi.md``; many slides: :func:`~cerberus_histo.infer.cohort.infer_wsi`.
         """
         from .infer.wsi import predict_wsi
 
-        return predict_wsi(self, slide, output, mpp=mpp, mask=mask, chunk_size=chunk_size, margin_um=margin_um,
-                           centroids_only=centroids_only, progress=progress, **options)
+        return predict_wsi(self, slide, output, **settings)

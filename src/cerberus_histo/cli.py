@@ -320,19 +320,23 @@ _RUN_HELP = {
              "mpp": "Resolution of the images (um/px); they are resampled to the model's. Default: the model's.",
              "input_shape": "Network window side, used as given (default: 1024, shrunk for small images; "
                             "original: 448).",
-             "output_shape": "Central part of each window kept (default: input shape - 304; original: 144)."},
+             "output_shape": "Central part of each window kept (default: input shape - 304; original: 144).",
+             "postproc_workers": "Post-processing processes, overlapped with inference (0: in this process; default: "
+                                 "the cores the network leaves free)."},
     "wsi": {"input": "A slide, a folder of slides or a quoted glob pattern ('slides/*.svs'); repeat for more.",
             "mpp": "Level-0 resolution (um/px) when the slides' metadata lacks it.",
             "input_shape": "Network window side (default 1024).",
-            "output_shape": "Central part of each window kept (default: input shape - 304; a multiple of 16)."},
+            "output_shape": "Central part of each window kept (default: input shape - 304; a multiple of 16).",
+            "postproc_workers": "Post-processing processes per slide, overlapped with inference (0: in the same "
+                                "process; default: the cores the network leaves free)."},
 }
 
 
 def _run_options(kind: str):
     """The options both inference commands share, defined once: --model, --input, --output, --mpp, --device,
-    --precision, --batch-size, --threads, --tta, --centroids-only, --input-shape, --output-shape (see
-    docs/inference.md, "Defaults chosen for the machine"). ``kind``: ``tile`` or ``wsi`` (help texts; ``wsi``
-    takes --input several times)."""
+    --precision, --batch-size, --threads, --postproc-workers, --tta, --centroids-only, --input-shape,
+    --output-shape (see docs/inference.md, "Defaults chosen for the machine"). ``kind``: ``tile`` or ``wsi`` (help
+    texts; ``wsi`` takes --input several times)."""
     text = _RUN_HELP[kind]
     options = [
         click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model folder."),
@@ -348,6 +352,7 @@ def _run_options(kind: str):
         click.option("--batch-size", type=int, default=None,
                      help="Network windows per forward pass (default: 1 on a CPU; on a GPU what fits its memory)."),
         click.option("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)."),
+        click.option("--postproc-workers", type=int, default=None, help=text["postproc_workers"]),
         click.option("--tta", is_flag=True, help="Average the 4 flips of every window (4x the network time)."),
         click.option("--centroids-only", is_flag=True, help="GeoJSON nuclei as points (lighter in QuPath)."),
         click.option("--input-shape", type=int, default=None, help=text["input_shape"]),
@@ -366,24 +371,28 @@ def _run_settings(params: dict, **more):
     """A :class:`~cerberus_histo.infer.options.RunOptions` from the shared options in ``params`` and ``more``."""
     from .infer.options import RunOptions
 
-    shared = ("mpp", "device", "precision", "batch_size", "threads", "tta", "centroids_only", "input_shape",
-              "output_shape")
+    shared = ("mpp", "device", "precision", "batch_size", "threads", "postproc_workers", "tta", "centroids_only",
+              "input_shape", "output_shape")
     return RunOptions(**{k: params[k] for k in shared}, **more)
 
 
 @main.command("infer-tile")
 @_run_options("tile")
-@click.option("--workers", type=int, default=None,
-              help="Post-processing processes, overlapped with inference (0: in this process; default: the cores "
-                   "the network leaves free).")
 @click.option("--formats", default="geojson,sqlite,npz,hovernet,overlay,csv", show_default=True,
               help="Comma-separated output formats.")
-def infer_tile_cmd(model_dir, input_path, output, workers, formats, **params):
+@click.option("--workers", "old_workers", type=int, default=None, hidden=True,
+              help="Deprecated: the old name of --postproc-workers.")
+def infer_tile_cmd(model_dir, input_path, output, formats, old_workers, **params):
     """Segment and classify glands, lumina, nuclei and tissue in image tiles; re-runs skip finished images."""
     from .infer.tiles import infer_tiles
 
+    if old_workers is not None:  # its name until --workers came to mean Dask workers in infer-wsi; gone next release
+        click.echo("warning: infer-tile --workers is now --postproc-workers; --workers will be removed", err=True)
+        if params["postproc_workers"] is not None:
+            raise CerberusError("pass --postproc-workers only (--workers is its old name)")
+        params["postproc_workers"] = old_workers
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
-    s = infer_tiles(model_dir, input_path, output, _run_settings(params, postproc_workers=workers, formats=fmts))
+    s = infer_tiles(model_dir, input_path, output, _run_settings(params, formats=fmts))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items())
     click.echo(f"{len(s.done)} images done, {len(s.skipped)} already done, {len(s.failed)} failed; results in "
                f"{s.output}" + (f"\ntime per stage: {stages}" if stages else ""))
@@ -409,18 +418,14 @@ def infer_tile_cmd(model_dir, input_path, output, workers, formats, **params):
                    "available memory if less; on a GPU machine half the available). More = larger chunks = faster.")
 @click.option("--margin-um", type=float, default=256.0, show_default=True,
               help="Context around each chunk (um); must exceed the largest gland's reach from its centre.")
-@click.option("--postproc-workers", type=int, default=None,
-              help="Post-processing processes per slide, overlapped with inference (0: in the same process; "
-                   "default: the cores the network leaves free).")
-def infer_wsi_cmd(model_dir, inputs, output, mask, workers, scheduler, chunk_size, memory_gb, margin_um,
-                  postproc_workers, **params):
+def infer_wsi_cmd(model_dir, inputs, output, mask, workers, scheduler, chunk_size, memory_gb, margin_um, **params):
     """Segment and classify glands, lumina, nuclei and tissue in whole slides, chunk by chunk; re-runs resume
     unfinished slides, skip those finished with the same settings and redo the others (see docs/wsi.md)."""
     from .infer.cohort import infer_wsi
 
-    opts = _run_settings(params, chunk_size=chunk_size, memory_gb=memory_gb, margin_um=margin_um,
-                         postproc_workers=postproc_workers)
-    s = infer_wsi(model_dir, inputs, output, opts, mask=mask, workers=workers, scheduler=scheduler)
+    opts = _run_settings(params, chunk_size=chunk_size, memory_gb=memory_gb, margin_um=margin_um, mask=mask,
+                         workers=workers, scheduler=scheduler)
+    s = infer_wsi(model_dir, inputs, output, opts)
     click.echo(s.table())
     done = sum(r.status == "done" for r in s.rows)
     skipped = sum(r.status == "skipped" for r in s.rows)
@@ -429,6 +434,26 @@ def infer_wsi_cmd(model_dir, inputs, output, mask, workers, scheduler, chunk_siz
         names = ", ".join(r.slide for r in s.failed[:5]) + (", ..." if len(s.failed) > 5 else "")
         raise CerberusError(f"{len(s.failed)} of {len(s.rows)} slides failed ({names}); see the table above, fix "
                             "them and run again (finished slides are skipped)")
+
+
+@main.command("view")
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--slide", type=click.Path(path_type=Path), default=None,
+              help="The slide (or image) of a single result whose recorded path no longer holds it.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port to listen on (0: any free port; the address is printed).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 127.0.0.1 keeps the viewer to this machine (0.0.0.0 opens it to the network).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the viewer in the default web browser.")
+def view_cmd(results: Path, slide: Path | None, port: int, host: str, open_browser: bool):
+    """Look at results in a web browser: the slide or tiles with tissue regions, glands, lumina and nuclei on top.
+
+    RESULTS is a result folder of infer-wsi or infer-tile (a cohort folder lists its slides) or one of its .db
+    stores. Read-only; Ctrl-C stops the server.
+    """
+    from .view import serve
+
+    serve(results, slide=slide, host=host, port=port, open_browser=open_browser)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -451,7 +451,8 @@ def write_index(out: Path, report: dict) -> None:
             rows.append(row)
         page.table(["tile"] + [k for k, _ in kinds], rows, links)
         page.p("How to open them: see docs/outputs.md (QuPath: File > Import objects from file; TIAToolbox: "
-               "SQLiteStore(path)).")
+               "SQLiteStore(path)); or look at them in your web browser (docs/viewer.md):")
+        page.code(f"cerberus view {report.get('out', 'demo-output')}/tiles")
 
     if "wsi" in res:
         w = res["wsi"]
@@ -471,12 +472,16 @@ def write_index(out: Path, report: dict) -> None:
             page.image(files["thumbnail"], "slide thumbnail with the predicted objects and tissue classes")
         page.links([(files[k], WSI_FILES.get(k, k)) for k in files] + [(s.get("slide", "slide/synthetic-slide.tif"),
                                                       "the slide (open it in QuPath, then import the GeoJSON)")])
+        page.p("Look at the slide and its objects in your web browser: zoom in, switch tasks and classes on and "
+               "off, click an object for its class, probability and area (docs/viewer.md; Ctrl-C stops the server):")
+        page.code(f"cerberus view {report.get('out', 'demo-output')}/wsi")
 
     page.h(2, "Next")
     model = f"{report.get('out', 'demo-output')}/train/model"
     page.code(f"cerberus info {model}                   # what the model is\n"
               f"cerberus infer-tile --model {model} --input my_tiles/ --output results/\n"
               f"cerberus infer-wsi --model {model} --input my_slide.svs --output results/\n"
+              "cerberus view results/         # look at the results in your web browser: docs/viewer.md\n"
               "cerberus train --help          # train on your own data: docs/your-data.md")
 
     page.h(2, "Every output file")

@@ -469,6 +469,8 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, seed: int
     write_index(out, report)
     print_results(report)
     print(f"open {out / 'index.html'} (or index.md) to see the pictures and every output file", flush=True)
+    if "wsi" in ctx.results:
+        print(f"look at the slide and its objects in your web browser: cerberus view {out / 'wsi'}", flush=True)
     return report
 
 

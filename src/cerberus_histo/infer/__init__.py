@@ -1,6 +1,6 @@
-"""Inference: window geometry (:mod:`.tiling`), settings chosen for the machine (:mod:`.runtime`), the engine
-(:mod:`.engine`, one path for tiles and slides), typed results (:mod:`.results`), tile inference (:mod:`.tiles`),
-whole slides (:mod:`.wsi`) and many slides (:mod:`.cohort`).
+"""Inference: window geometry (:mod:`.tiling`), a run's settings (:mod:`.options`) and those chosen for the machine
+(:mod:`.runtime`), the engine (:mod:`.engine`, one path for tiles and slides), typed results (:mod:`.results`),
+tile inference (:mod:`.tiles`), whole slides (:mod:`.wsi`) and many slides (:mod:`.cohort`).
 
 Names are imported lazily, so importing this package (as post-processing workers do) does not import torch.
 """
@@ -13,7 +13,8 @@ _EXPORTS = {
     "RegionPrediction": "results", "TilePrediction": "results",
     "Geometry": "tiling", "TilePlan": "tiling", "plan_tiles": "tiling",
     "predict_tile": "tiles", "infer_tiles": "tiles", "TileRunSummary": "tiles",
-    "predict_wsi": "wsi", "predict_slide": "wsi", "make_predictor": "wsi", "WSIResult": "wsi",
+    "RunOptions": "options",
+    "predict_wsi": "wsi", "predict_slide": "wsi", "make_predictor": "wsi", "WSIResult": "wsi", "SlideJob": "wsi",
     "infer_wsi": "cohort", "CohortSummary": "cohort", "SlideStatus": "cohort",
 }
 

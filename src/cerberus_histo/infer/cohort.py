@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import CerberusError
 from .options import RunOptions
-from .pool import NO_GUARD, check_output, echo, one_line, output_stems, read_marker, redone_line, spawn_safe
+from .pool import NO_GUARD, check_output, one_line, output_stems, read_marker, redone_line, spawn_safe
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".png",
                   ".jpg", ".jpeg", ".bmp")
@@ -32,7 +32,8 @@ _PREDICTORS: dict = {}  # per process: (model_dir, device, options) -> (predicto
 
 @dataclass(frozen=True)
 class CohortRun:
-    """What every worker of a cohort run needs: the model folder, the output folder and the run's options."""
+    """What every worker of a cohort run needs: the model folder, the output folder and each slide's options
+    (the cohort's, without its Dask settings, and on Dask workers without its ``echo``)."""
 
     model_dir: str
     output: str
@@ -98,21 +99,6 @@ def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def mask_for(mask: str | Path | None, slide: Path, stem: str) -> Path | None:
-    """The mask of ``slide``: ``mask`` itself when it is a file, ``{mask}/{stem}.png`` (or ``{stem}_mask.png``,
-    ``{slide name}.png``) when it is a folder; a folder without the slide's mask is an error for that slide."""
-    if mask is None:
-        return None
-    mask = Path(mask)
-    if not mask.is_dir():
-        return mask  # a missing or unreadable file is reported by the slide that uses it
-    names = (f"{stem}.png", f"{stem}_mask.png", f"{slide.name}.png")
-    for name in names:
-        if (mask / name).is_file():
-            return mask / name
-    raise CerberusError(f"no mask for {slide.name} in {mask} (looked for {', '.join(names)})")
-
-
 def _worker_device(device: str) -> str:
     """``cuda`` (or ``auto``) on a LocalCluster worker named ``k`` with several GPUs: ``cuda:{k mod count}``."""
     if device not in ("cuda", "auto"):
@@ -138,62 +124,60 @@ def _predictor(run: CohortRun, device: str):
 
         _PREDICTORS.clear()  # one model per process
         model = load_model(run.model_dir)
-        predictor = make_predictor(model, input_shape=o.input_shape, output_shape=o.output_shape, tta=o.tta,
-                                   **(o.runtime_settings() | {"device": device}))
+        predictor = make_predictor(model, **(o.predictor_settings() | {"device": device}))
         _PREDICTORS[key] = (predictor, model.config, weights_id(model))
     return _PREDICTORS[key]
 
 
-def run_slide(path: str | Path, stem: str, mask: str | Path | None, run: CohortRun,
-              echo: Callable[[str], None] | None = None, said: bool = False) -> SlideStatus:
+def run_slide(path: str | Path, stem: str, run: CohortRun, said: bool = False) -> SlideStatus:
     """Predict one slide (what a worker runs); any failure becomes a ``failed`` status with a one-line reason.
     ``said``: the cohort has said that the slide is redone with other settings (the slide does not say it again)."""
-    from .wsi import predict_slide
+    from .wsi import SlideJob, predict_slide
 
     t0 = time.perf_counter()
     path = Path(path)
     try:
         predictor, config, model_id = _predictor(run, _worker_device(run.options.device))
-        kwargs = {} if echo is None else {"echo": echo}
-        res = predict_slide(predictor, config, path, run.output, run.options, stem=stem,
-                            mask=lambda: mask_for(mask, path, stem), model_id=model_id,
-                            metadata={"model_dir": str(run.model_dir), "device": str(predictor.device),
-                                      "runtime": predictor.runtime.line()}, redo_line=not said, **kwargs)
+        job = SlideJob(path, stem, model_id, metadata={"model_dir": str(run.model_dir), "device": str(predictor.device),
+                                                        "runtime": predictor.runtime.line()}, redo_line=not said)
+        res = predict_slide(predictor, config, job, run.output, run.options)
     except Exception as exc:  # one slide's failure must not stop the others
         return SlideStatus(path.name, "failed", 0, time.perf_counter() - t0, one_line(exc))
     return SlideStatus(path.name, "skipped" if res.skipped else "done", res.objects, time.perf_counter() - t0)
 
 
 def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, output: str | Path,
-              options: RunOptions | None = None, *, mask: str | Path | None = None, workers: int = 0,
-              scheduler: str | None = None, echo: Callable[[str], None] = echo, **settings) -> CohortSummary:
-    """Predict every slide of ``inputs`` with the model in ``model_dir`` into ``output``.
+              options: RunOptions | None = None, **settings) -> CohortSummary:
+    """Predict every slide of ``inputs`` (files, folders, glob patterns) with the model in ``model_dir`` into
+    ``output``.
 
-    ``options`` (or its fields as keyword ``settings``) set each slide's run (:class:`~.options.RunOptions`).
+    ``options`` (a :class:`~.options.RunOptions`), or its fields as keyword ``settings``
+    (``infer_wsi(model_dir, ["cohort/*.svs"], "results/", workers=4)``), set the run and each slide's:
     ``workers`` > 0 starts a Dask LocalCluster of that many processes (one slide per worker at a time);
     ``scheduler`` (``tcp://host:8786``) uses a running cluster, whose workers must see the same paths. Without
     either, slides run here one after another. ``mask`` is a mask image (one slide) or a folder of masks named
-    after the slides (``{stem}.png``). Problems with the options, the model or the output folder raise a
-    one-line :class:`CerberusError` before any slide; per-slide problems are rows of the summary. Settings
-    left ``None``/``auto`` are chosen for the machine (:mod:`.runtime`) and stated in the first line of the log.
+    after the slides (``{stem}.png``); ``echo`` takes the run's lines (default: stderr). Problems with the options,
+    the model or the output folder raise a one-line :class:`CerberusError` before any slide; per-slide problems
+    are rows of the summary. Settings left ``None``/``auto`` are chosen for the machine (:mod:`.runtime`; on a
+    LocalCluster the cores are shared between the workers) and stated in the first line of the log.
     """
-    opts = options if options is not None else RunOptions.from_settings(**settings)
     if options is not None and settings:
         raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
-    if not isinstance(workers, int) or workers < 0:
-        raise CerberusError(f"--workers must be 0 (this process) or a number of Dask worker processes, got {workers!r}")
-    if workers and scheduler:
-        raise CerberusError("pass --workers (start a local Dask cluster) or --scheduler (use a running one), not both")
+    opts = (options if options is not None else RunOptions.from_settings(**settings)).check_for("cohort")
+    echo = opts.say
+    workers, scheduler = opts.workers, opts.scheduler
     if workers and not spawn_safe():
         warnings.warn(NO_GUARD.format(what="slides run one after another"), stacklevel=2)
         workers = 0
+    remote = bool(workers or scheduler)
     slides = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
-    if mask is not None and not Path(mask).is_dir() and len(slides) > 1:
-        raise CerberusError(f"--mask {mask} is one file but there are {len(slides)} slides; pass a folder of masks "
-                            "named after the slides ({stem}.png)")
+    if opts.mask is not None and not opts.mask.is_dir() and len(slides) > 1:
+        raise CerberusError(f"--mask {opts.mask} is one file but there are {len(slides)} slides; pass a folder of "
+                            "masks named after the slides ({stem}.png)")
     output = check_output(Path(output))
-    progress = opts.progress  # the cohort's bar; a Dask worker's slide shows none
-    opts = opts.replace(progress=progress and not (workers or scheduler))
+    progress = opts.progress  # the cohort's bar; a Dask worker's slide shows none, and its lines go to its stderr
+    slide_opts = opts.replace(workers=0, scheduler=None, progress=progress and not remote,
+                              echo=None if remote else opts.echo)
     if workers and not scheduler:  # the machine's cores shared between the local workers
         from .runtime import cpu_cores, resolve_device
 
@@ -203,13 +187,13 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
         postproc = opts.postproc_workers
         if postproc is None:
             postproc = max(0, share - threads) if on_cpu else max(1, share - 2)
-        opts = opts.replace(threads=threads, postproc_workers=postproc)
-    run = CohortRun(str(model_dir), str(output), opts)
+        slide_opts = slide_opts.replace(threads=threads, postproc_workers=postproc)
+    run = CohortRun(str(model_dir), str(output), slide_opts)
     # fail early on a bad model or options, before any slide; state what was chosen
-    built = _predictor(run, "cpu" if workers or scheduler else opts.device)
+    built = _predictor(run, "cpu" if remote else opts.device)
     predictor = built[0]
     echo("settings are chosen by each Dask worker for its machine (see each slide's metadata)"
-         if workers or scheduler else predictor.runtime.line())
+         if remote else predictor.runtime.line())
     untrained = [h for h in predictor.model.head_names if h not in predictor.heads]
     if untrained:
         echo(f"heads never trained (not run, nothing written): {', '.join(untrained)}")
@@ -219,10 +203,10 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
     summary = CohortSummary(output)
     rows: dict[Path, SlideStatus] = {}
     todo, redo = [], {}
-    precision = _workers_precision(predictor, opts, workers, scheduler)
+    precision = _workers_precision(predictor, slide_opts, workers, scheduler)
     for p in slides:  # the comparison predict_slide makes, here for every mode (Dask workers get only the others)
         done = read_marker(output, stems[p])
-        changed = _redo_reasons(done, built, opts, p, stems[p], mask, precision)
+        changed = _redo_reasons(done, built, slide_opts, p, stems[p], precision)
         if changed == []:
             counts = done.get("counts") if isinstance(done.get("counts"), dict) else {}
             rows[p] = SlideStatus(p.name, "skipped", int(sum(v for k, v in counts.items() if k != "tissue")))
@@ -242,11 +226,11 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
         bar.update()
 
     try:
-        if todo and (workers or scheduler):
-            _run_dask(todo, stems, mask, run, workers, scheduler, record, set(redo))
+        if todo and remote:
+            _run_dask(todo, stems, run, workers, scheduler, record, set(redo))
         else:
             for p in todo:
-                record(p, run_slide(p, stems[p], mask, run, echo, said=p in redo))
+                record(p, run_slide(p, stems[p], run, said=p in redo))
     finally:
         bar.close()
     summary.rows = [rows[p] for p in slides]
@@ -267,14 +251,14 @@ def _workers_precision(predictor, opts: RunOptions, workers: int, scheduler: str
     return resolve_precision(resolve_device(opts.device), opts.precision)[0]
 
 
-def _redo_reasons(done: dict | None, built: tuple, options: RunOptions, path: Path, stem: str, mask,
+def _redo_reasons(done: dict | None, built: tuple, options: RunOptions, path: Path, stem: str,
                   precision: str | None) -> list[str] | None:
     """:func:`~.wsi.redo_reasons` of one slide of the cohort, decided as its :func:`~.wsi.predict_slide` will
     decide it (``built``: this process's ``(predictor, config, model_id)``; ``precision``: the one the slide will
     run in, None when unknown here). Where the precision is unknown and nothing else changed, the slide goes to a
     worker, which compares the precision too: None (nothing to say here)."""
     from ..outputs.records import known_heads
-    from .wsi import redo_reasons, slide_key
+    from .wsi import mask_for, redo_reasons, slide_key
 
     if done is None:
         return None
@@ -283,13 +267,13 @@ def _redo_reasons(done: dict | None, built: tuple, options: RunOptions, path: Pa
     if used is None:  # unknown here: the recorded one, so that every other setting is compared
         settings = done.get("settings")
         used = settings.get("precision", "") if isinstance(settings, dict) else ""
-    key = slide_key(predictor, config, model_id, options, path.name, lambda: mask_for(mask, path, stem),
+    key = slide_key(predictor, config, model_id, options, path.name, lambda: mask_for(options.mask, path, stem),
                     known_heads(config, predictor.heads), used)
     changed = redo_reasons(done, key)
     return None if changed == [] and precision is None else changed
 
 
-def _run_dask(slides: list[Path], stems: dict, mask, run: CohortRun, workers: int, scheduler: str | None,
+def _run_dask(slides: list[Path], stems: dict, run: CohortRun, workers: int, scheduler: str | None,
               record: Callable[[Path, SlideStatus], None], said: set[Path] = frozenset()) -> None:
     """One slide per Dask task, on a LocalCluster of ``workers`` processes or the cluster at ``scheduler``
     (``said``: the slides whose redoing was said here)."""
@@ -311,8 +295,8 @@ def _run_dask(slides: list[Path], stems: dict, mask, run: CohortRun, workers: in
                                        dashboard_address=None, silence_logs=40)
             client = Client(cluster)
         with client:
-            futures = {client.submit(run_slide, str(p), stems[p], None if mask is None else str(mask), run,
-                                     said=p in said, pure=False, retries=0, key=f"slide-{i}-{stems[p]}"): p
+            futures = {client.submit(run_slide, str(p), stems[p], run, said=p in said, pure=False, retries=0,
+                                     key=f"slide-{i}-{stems[p]}"): p
                        for i, p in enumerate(slides)}
             for fut in as_completed(futures):
                 p = futures[fut]
@@ -326,5 +310,4 @@ def _run_dask(slides: list[Path], stems: dict, mask, run: CohortRun, workers: in
             cluster.close()
 
 
-__all__ = ["CohortSummary", "SLIDE_SUFFIXES", "SlideStatus", "CohortRun", "expand_inputs", "infer_wsi", "mask_for",
-           "run_slide"]
+__all__ = ["CohortSummary", "SLIDE_SUFFIXES", "SlideStatus", "CohortRun", "expand_inputs", "infer_wsi", "run_slide"]

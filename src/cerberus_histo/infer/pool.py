@@ -139,7 +139,7 @@ class WorkerPool:
 
 def _broken(exc: BaseException) -> CerberusError:
     return CerberusError(f"the post-processing worker processes died ({one_line(exc)}); run again with "
-                         "--workers 0 (postproc_workers=0 in Python), or with more memory")
+                         "--postproc-workers 0 (postproc_workers=0 in Python), or with more memory")
 
 
 # ---- the output folder and its markers -------------------------------------------------------------------

@@ -268,7 +268,7 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
                       f"({reason.split('; ')[-1]})", stacklevel=2)
     channels_last = dev.type in ("cpu", "cuda")
     if threads is not None:
-        if not isinstance(threads, int) or threads < 1:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise CerberusError(f"--threads must be a positive integer, got {threads!r}")
         torch.set_num_threads(threads)
     n_threads = torch.get_num_threads()
@@ -277,15 +277,15 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
         postproc_workers = max(0, cores - n_threads) if dev.type == "cpu" else max(1, cores - 2)
         why["workers"] = (f"{cores} cores, the network uses {n_threads}" if dev.type == "cpu" else
                           f"{cores} cores, 2 kept for feeding the GPU and reading")
-    elif not isinstance(postproc_workers, int) or postproc_workers < 0:
+    elif not isinstance(postproc_workers, int) or isinstance(postproc_workers, bool) or postproc_workers < 0:
         raise CerberusError(f"--postproc-workers must be 0 or more, got {postproc_workers!r}")
     avail = available_bytes()
     if memory_gb is None:
         budget = avail // 2 if dev.type == "cuda" else min(int(CPU_BUDGET_GB * GB), avail // 2)
         why["memory"] = f"of {avail / GB:.1f} GB available"
     else:
-        if not memory_gb > 0:
-            raise CerberusError(f"--memory-gb must be > 0, got {memory_gb}")
+        if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not 0 < memory_gb < math.inf:
+            raise CerberusError(f"--memory-gb must be a number of GB > 0 (e.g. 8), got {memory_gb!r}")
         budget = int(memory_gb * GB)
     per_window = window_bytes(model.to(dev), window, precision, 1, channels_last)
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0
@@ -296,7 +296,7 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
         else:
             batch_size = 1
             why["batch"] = f"{per_window / GB:.2f} GB a window"
-    elif not isinstance(batch_size, int) or batch_size < 1:
+    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise CerberusError(f"--batch-size must be a positive integer, got {batch_size!r}")
     host_window = 0 if dev.type == "cuda" else per_window * batch_size
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

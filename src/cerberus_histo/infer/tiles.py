@@ -6,12 +6,12 @@ whose mpp differs from the model's is resampled once, as a whole, to the model's
 pixels and ``scale`` (image pixels per model pixel) maps them back.
 
 :func:`infer_tiles` runs the network in this process and post-processing plus writing in a pool of
-``workers`` processes, so that image ``i``'s post-processing overlaps image ``i + 1``'s inference. Every file is
-written atomically, and a completion marker ``OUTPUT/done/{stem}.json`` (the image's summary: files, counts,
-timings, and the settings that made it, :func:`~.pool.run_key`) is written last: a re-run skips the images that
-have one made with the same settings and redoes the others, saying so. An unreadable image is reported on one line
-and the others are still done. This module imports torch only inside the functions that run the network, so the
-workers stay light.
+``postproc_workers`` processes, so that image ``i``'s post-processing overlaps image ``i + 1``'s inference. Every
+file is written atomically, and a completion marker ``OUTPUT/done/{stem}.json`` (the image's summary: files,
+counts, timings, and the settings that made it, :func:`~.pool.run_key`) is written last: a re-run skips the images
+that have one made with the same settings and redoes the others, saying so. An unreadable image is reported on one
+line and the others are still done. This module imports torch only inside the functions that run the network, so
+the workers stay light.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,6 @@ from .pool import (
     WorkerPool,
     changed_settings,
     check_output,
-    echo,
     one_line,
     output_stems,
     read_marker,
@@ -195,20 +194,26 @@ def finish_tile(job: dict) -> dict:
     return marker
 
 
-def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOptions | None = None, *,
-                echo: Callable[[str], None] = echo, **settings) -> TileRunSummary:
+def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOptions | None = None,
+                **settings) -> TileRunSummary:
     """Predict every image of ``input_path`` (a file or a folder) with the model in ``model_dir`` and write
-    the results to ``output`` (see the module docstring). ``options`` (or its fields as keyword ``settings``) set
-    the run; left ``None``/``auto`` they are chosen for the machine (:mod:`.runtime`; ``postproc_workers``: the
-    cores the network leaves free) and stated through ``echo`` first. Per-image problems are reported through
-    ``echo`` and collected in the summary's ``failed``; problems with the model, the options or the output folder
-    raise a one-line :class:`CerberusError` before any work, and before ``output`` is created. An image whose
-    marker was made with other settings (:func:`~.pool.run_key`: the model's weights and config, the images' mpp,
-    the window, ``tta``, the precision used, ``centroids_only``, the trusted heads) is done again, with one line
-    through ``echo`` for all such images."""
-    opts = options if options is not None else RunOptions.from_settings(**settings)
+    the results to ``output`` (see the module docstring).
+
+    ``options`` (a :class:`~.options.RunOptions`), or its fields as keyword ``settings``
+    (``infer_tiles(model_dir, input, output, postproc_workers=2, mpp=0.25)``), set the run: ``mpp``, the machine
+    settings, ``tta``, the window, ``postproc_workers`` (the pool's processes), ``formats``, ``centroids_only``,
+    ``progress`` and ``echo`` (where its lines go; default stderr). Left ``None``/``auto`` they are chosen for the
+    machine (:mod:`.runtime`; ``postproc_workers``: the cores the network leaves free) and stated first. A slide
+    setting (``mask``, ``workers``, ``scheduler``) is an error. Per-image problems are reported on one line each
+    and collected in the summary's ``failed``; problems with the model, the options or the output folder raise a
+    one-line :class:`CerberusError` before any work, and before ``output`` is created. An image whose marker was
+    made with other settings (:func:`~.pool.run_key`: the model's weights and config, the images' mpp, the window,
+    ``tta``, the precision used, ``centroids_only``, the trusted heads) is done again, with one line for all such
+    images."""
     if options is not None and settings:
         raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
+    opts = (options if options is not None else RunOptions.from_settings(**settings)).check_for("tiles")
+    echo = opts.say
     images = list_images(input_path)
     output = check_output(output)
     stems = output_stems(images)

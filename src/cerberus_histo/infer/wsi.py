@@ -56,7 +56,6 @@ from .pool import (
     WorkerPool,
     changed_settings,
     check_output,
-    echo,
     marker_path,
     read_marker,
     redone_line,
@@ -280,64 +279,110 @@ def _postproc_workers(predictor, options: RunOptions) -> int:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def predict_slide(predictor, config, slide: str | Path, output: str | Path, options: RunOptions | None = None, *,
-                  stem: str | None = None, mask: str | Path | Callable[[], Path | None] | None = None,
-                  model_id: str = "", metadata: dict | None = None, read_threads: int = 2,
-                  echo: Callable[[str], None] = echo, on_commit: Callable[[int], None] | None = None,
-                  heads: Sequence[str] | None = None, redo_line: bool = True, **settings) -> WSIResult:
+def mask_for(mask: str | Path | None, slide: Path, stem: str) -> Path | None:
+    """The mask of ``slide``: ``mask`` itself when it is a file, ``{mask}/{stem}.png`` (or ``{stem}_mask.png``,
+    ``{slide name}.png``) when it is a folder; a folder without the slide's mask is an error for that slide."""
+    if mask is None:
+        return None
+    mask = Path(mask)
+    if not mask.is_dir():
+        return mask  # a missing or unreadable file is reported by the slide that uses it
+    names = (f"{stem}.png", f"{stem}_mask.png", f"{Path(slide).name}.png")
+    for name in names:
+        if (mask / name).is_file():
+            return mask / name
+    raise CerberusError(f"no mask for {Path(slide).name} in {mask} (looked for {', '.join(names)})")
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide of a run, and what the run records with it (:func:`predict_slide`); the run's settings are its
+    :class:`~.options.RunOptions`.
+
+    Attributes:
+        slide: the slide file.
+        stem: the name of its outputs (default: the file's stem).
+        model_id: identifies the weights (:func:`~.pool.weights_id`), so a partial result of other weights is
+            never resumed.
+        heads: the model's trusted heads (default: the predictor's ``heads``, which a :class:`~.engine.Predictor`
+            takes from the model's provenance, else every head of the config): nothing of another head is kept or
+            written (docs/outputs.md), and the metadata lists them as ``trusted_heads``.
+        metadata: keys added to ``{stem}_metadata.json``.
+        read_threads: threads reading the slide's tiles a chunk ahead of the network.
+        on_commit: called with each chunk's index after its records are committed (tests interrupt runs here).
+        redo_line: say when a slide finished with other settings is done again (a cohort that said it for all
+            its slides passes False).
+    """
+
+    slide: Path
+    stem: str | None = None
+    model_id: str = ""
+    heads: tuple[str, ...] | None = None
+    metadata: dict | None = field(default=None, compare=False)
+    read_threads: int = 2
+    on_commit: Callable[[int], None] | None = field(default=None, compare=False)
+    redo_line: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "slide", Path(self.slide))
+        object.__setattr__(self, "stem", self.stem or self.slide.stem)
+        if self.heads is not None:
+            object.__setattr__(self, "heads", tuple(self.heads))
+        t = self.read_threads
+        if not (isinstance(t, int) and not isinstance(t, bool) and t >= 1):
+            raise CerberusError(f"read_threads must be a positive number of threads, got {t!r}")
+
+
+def predict_slide(predictor, config, slide: SlideJob | str | Path, output: str | Path,
+                  options: RunOptions | None = None) -> WSIResult:
     """Predict one slide in chunks and write its outputs into ``output`` (see the module docstring).
 
     A slide whose completion marker records this run's settings (:func:`slide_key`) is skipped at once
     (``skipped``); one finished with other settings, or by an earlier version that recorded none, is done again,
-    with one line through ``echo`` naming what changed (``redo_line``; a cohort that said it for all its slides
-    passes False). Its marker goes first, and each of its files is replaced as this run writes it.
+    with one line naming what changed (unless the job's ``redo_line`` is False). Its marker goes first, and each of
+    its files is replaced as this run writes it.
 
     Args:
         predictor: a :class:`~.engine.Predictor` whose geometry has ``fit=False`` and an output side that is a
             multiple of its ``cell`` (see :func:`make_predictor`), or any object with the same ``mpp``, ``cell``,
             ``geometry``, ``predict_region(reader, region, keep=..., fit=...)`` and optionally ``runtime``.
         config: the model's :class:`~cerberus_histo.config.ModelConfig` (class names and colours).
-        slide: the slide file.
-        options: the run's :class:`~.options.RunOptions` (or its fields as keyword ``settings``): ``mpp``
-            overrides the slide's resolution; ``chunk_size`` (model px, rounded up to whole windows; default: the
-            largest that fits the predictor's memory budget, :meth:`~.runtime.Runtime.chunk_for`); ``margin_um``
-            (context around each chunk; objects larger than this from their centroid are cut and dropped, counted
-            in the metadata); ``postproc_workers`` (default: the runtime's); ``centroids_only``; ``progress``.
+        slide: the slide file, or a :class:`SlideJob` (the slide with its stem, model id, trusted heads, metadata).
+        output: the results folder (created by the first file written).
+        options: the run's :class:`~.options.RunOptions` (default: every default): ``mpp`` overrides the slide's
+            resolution; ``mask`` is a tissue mask image of the slide (any size) or a folder holding it (default:
+            computed, :func:`~cerberus_histo.io.tissue.tissue_mask`; every record is clipped to a given mask);
+            ``chunk_size`` (model px, rounded up to whole windows; default: the largest that fits the predictor's
+            memory budget, :meth:`~.runtime.Runtime.chunk_for`); ``margin_um`` (context around each chunk; objects
+            larger than this from their centroid are cut and dropped, counted in the metadata);
+            ``postproc_workers`` (default: the runtime's); ``centroids_only``; ``progress``; ``echo`` (where the
+            lines go). ``workers`` and ``scheduler`` are a cohort's (:func:`~.cohort.infer_wsi`): an error here.
             Along an axis that one chunk covers, windows are fitted to the slide as for tiles.
-        mask: a tissue mask image of the slide (any size), or a function giving its path once the slide has
-            opened; default (None): computed (:func:`~cerberus_histo.io.tissue.tissue_mask`). Every record is
-            clipped to a given mask.
-        model_id: identifies the weights, so a partial result of other weights is never resumed.
-        metadata: keys added to ``{stem}_metadata.json``.
-        on_commit: called with each chunk's index after its records are committed (tests interrupt runs here).
-        heads: the model's trusted heads (default: the predictor's ``heads``, which a
-            :class:`~.engine.Predictor` takes from the model's provenance, else every head of ``config``): nothing
-            of another head is kept or written (docs/outputs.md), and the metadata lists them as ``trusted_heads``.
-        redo_line: say when a slide finished with other settings is done again.
     """
     from ..io.slides import open_slide
     from ..io.tissue import save_mask
     from ..outputs.records import known_heads
     from ..outputs.store import open_run_store
 
-    opts = options if options is not None else RunOptions.from_settings(**settings)
-    if options is not None and settings:
-        raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
+    job = slide if isinstance(slide, SlideJob) else SlideJob(slide)
+    opts = (options if options is not None else RunOptions()).check_for("slide")
+    echo = opts.say
     t_start = time.perf_counter()
-    slide = Path(slide)
-    stem = stem or slide.stem
+    slide, stem, model_id = job.slide, job.stem, job.model_id
     output = check_output(Path(output))
     paths = output_paths(output, stem)
-    if heads is None:
-        heads = getattr(predictor, "heads", None)
-    heads = known_heads(config, heads)
-    key = slide_key(predictor, config, model_id, opts, slide.name, mask, heads)
+    heads = known_heads(config, job.heads if job.heads is not None else getattr(predictor, "heads", None))
+
+    def slide_mask():  # the user's mask file of this slide (None: computed), found once the slide is opened
+        return mask_for(opts.mask, slide, stem)
+
+    key = slide_key(predictor, config, model_id, opts, slide.name, slide_mask, heads)
     done = read_marker(output, stem)
     changed = redo_reasons(done, key)
     if changed == []:  # finished with these settings
         return WSIResult(slide, {k: Path(v) for k, v in done["files"].items()}, done["summary"], done["counts"],
                          recorded_timings(done, paths["metadata"]), skipped=True)
-    if changed and redo_line:
+    if changed and job.redo_line:
         echo(redone_line({slide: changed}))
     geometry = predictor.geometry
     if geometry.fit or int(geometry.output_shape) % int(predictor.cell):
@@ -345,12 +390,11 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
                             f"{int(predictor.cell)}; got {geometry}. Build the predictor with make_predictor")
     timings = dict.fromkeys(TIMING_KEYS[:-2], 0.0)  # total and device_utilisation at the end
     reader = open_slide(slide, opts.mpp)
-    grid = GridReader(reader, predictor.mpp, threads=read_threads)
+    grid = GridReader(reader, predictor.mpp, threads=job.read_threads)
     store = None
     try:
         t0 = time.perf_counter()
-        if callable(mask):
-            mask = mask()
+        mask = slide_mask()
         plan = plan_slide(predictor, config, reader, opts, mask, model_id, slide.name, echo, heads)
         # a marker here is another run's (of other settings, or unreadable): gone before the first file is replaced,
         # so that its slide never passes for finished with a mix of files
@@ -368,7 +412,7 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
         echo(f"{stem}: {plan.size[0]} x {plan.size[1]} model px, {len(plan.tissue)} of {len(plan.chunks)} chunks of "
              f"{plan.chunk_px} px with tissue (margin {plan.margin_px} px), windows "
              f"{chunk_plan(*plan.chunks[0].region[2:], plan.fit).window_shape[::-1]}")
-        windows_run = _predict_chunks(predictor, config, grid, store, plan, todo, stem, opts, timings, on_commit,
+        windows_run = _predict_chunks(predictor, config, grid, store, plan, todo, stem, opts, timings, job.on_commit,
                                       heads)
         t_loop = time.perf_counter()
         summary = finish_slide(store, config, reader, plan, paths, opts.centroids_only, heads)
@@ -383,7 +427,7 @@ def predict_slide(predictor, config, slide: str | Path, output: str | Path, opti
         windows = {"run": totals["windows"],
                    "in_tissue_chunks": sum(len(chunk_plan(c.region[2], c.region[3], plan.fit)) for c in plan.tissue),
                    "run_now": windows_run}
-        info = {**(metadata or {}), "slide": str(slide), "stem": stem, "level0_dimensions": list(plan.dimensions),
+        info = {**(job.metadata or {}), "slide": str(slide), "stem": stem, "level0_dimensions": list(plan.dimensions),
                 "mpp": plan.slide_mpp, "mpp_source": "--mpp" if opts.mpp is not None else "metadata",
                 "processing_mpp": predictor.mpp, "model": config.to_dict(), "model_id": model_id,
                 "trusted_heads": list(heads),
@@ -549,15 +593,14 @@ def make_predictor(model, *, input_shape: int | None = None, output_shape: int |
     return Predictor(model, geometry, tta=tta, prob_dtype=np.float16, runtime=runtime)
 
 
-def predict_wsi(model, slide: str | Path, output: str | Path = "cerberus-wsi", *, mpp: float | None = None,
-                mask: str | Path | None = None, chunk_size: int | None = None, margin_um: float = 256.0,
-                centroids_only: bool = False, progress: bool = True, predictor=None, **options) -> WSIResult:
-    """See :meth:`~cerberus_histo.api.Cerberus.predict_wsi`; ``options`` go to :func:`make_predictor`
-    (or pass a ready ``predictor``)."""
+def predict_wsi(model, slide: str | Path, output: str | Path = "cerberus-wsi", *, predictor=None,
+                **settings) -> WSIResult:
+    """See :meth:`~cerberus_histo.api.Cerberus.predict_wsi`: ``settings`` are :class:`~.options.RunOptions`
+    fields; those of the network's run (window, ``tta`` and the machine settings) build the predictor
+    (:func:`make_predictor`), unless a ready ``predictor`` is passed (then they must be left out)."""
+    opts = RunOptions.from_settings(**settings)
     if predictor is None:
-        predictor = make_predictor(model, **options)
-    elif options:
-        raise TypeError(f"pass options to make_predictor, not with predictor=: {', '.join(options)}")
-    return predict_slide(predictor, model.config, slide, output, mask=mask, model_id=weights_id(model),
-                         mpp=mpp, chunk_size=chunk_size, margin_um=margin_um, centroids_only=centroids_only,
-                         progress=progress)
+        predictor = make_predictor(model, **opts.predictor_settings())
+    elif building := sorted(set(settings) & (set(opts.predictor_settings()) - {"postproc_workers"})):
+        raise TypeError(f"pass these settings to make_predictor, not with predictor=: {', '.join(building)}")
+    return predict_slide(predictor, model.config, SlideJob(slide, model_id=weights_id(model)), output, opts)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,8 +120,9 @@ class AnnotationStore:
     ``AnnotationStore(path)`` creates the file (or opens one written before and appends to it; ``readonly`` opens
     an existing one without writing); :meth:`append` adds records in one transaction (all or nothing), optionally
     with a chunk's ledger row and metadata; :meth:`records` reads them back in batches; :meth:`query` returns the
-    annotations whose bounds intersect a box; :meth:`count`. Use :func:`write_store` to write a complete store
-    atomically. Usable as a context manager.
+    annotations whose bounds intersect a box; :meth:`count`; :meth:`class_counts`, :meth:`centroids` and
+    :meth:`shapes` read what a viewer draws without building records. Use :func:`write_store` to write a complete
+    store atomically. Usable as a context manager.
     """
 
     def __init__(self, path: Path, metadata: Mapping[str, Any] | None = None, readonly: bool = False):
@@ -275,6 +276,57 @@ class AnnotationStore:
             (x0, x1, y0, y1))
         return [StoredAnnotation(i, key, decode_geometry(blob, cx, cy), json.loads(props))
                 for i, key, cx, cy, blob, props in rows]
+
+    # ---- fast reads for viewers ----------------------------------------------------------------------------
+    def class_counts(self) -> dict[str, dict[str | None, int]]:
+        """Rows per task and class name (``properties.type``; None for untyped instances), in one pass."""
+        out: dict[str, dict[str | None, int]] = {}
+        for task, cls, n in self._con.execute(
+                "SELECT json_extract(properties, '$.task'), json_extract(properties, '$.type'), COUNT(*) "
+                "FROM annotations GROUP BY 1, 2"):
+            out.setdefault(str(task), {})[cls] = int(n)
+        return out
+
+    def _task_rows(self, columns: str, task: str, box, class_names: Sequence[str]):
+        """A cursor over ``class index, columns`` of ``task``'s rows (bounds intersecting ``box`` when given): the
+        index of ``properties.type`` in ``class_names``, -1 for untyped rows and names not among them."""
+        names = list(class_names)
+        case = ("CASE json_extract(a.properties, '$.type') " + " ".join(f"WHEN ? THEN {k}" for k in range(len(names)))
+                + " ELSE -1 END") if names else "-1"
+        sql, params = f"SELECT {case}, {columns} FROM annotations a", list(names)
+        if box is not None:
+            sql += " JOIN rtree r ON a.id = r.id WHERE r.max_x >= ? AND r.min_x <= ? AND r.max_y >= ? AND r.min_y <= ? AND"
+            x0, y0, x1, y1 = (float(v) for v in box)
+            params += [x0, x1, y0, y1]
+        else:
+            sql += " WHERE"
+        return self._con.execute(sql + " json_extract(a.properties, '$.task') = ? ORDER BY a.id", params + [task])
+
+    def centroids(self, task: str, box: tuple[float, float, float, float] | None = None,
+                  class_names: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``x, y`` (float64 centroids, the rows' ``cx, cy``) and the class index (int64: position of the row's
+        class name in ``class_names``, -1 for an untyped row or a name not among them) of every row of ``task``, or
+        of those whose bounds intersect ``box = (min_x, min_y, max_x, max_y)``, in id order. No geometry is decoded
+        (a viewer draws millions of nuclei as dots from these)."""
+        rows = self._task_rows("a.cx, a.cy", task, box, class_names).fetchall()
+        arr = np.array(rows, np.float64).reshape(len(rows), 3)
+        return arr[:, 1].copy(), arr[:, 2].copy(), arr[:, 0].astype(np.int64)
+
+    def shapes(self, task: str, box: tuple[float, float, float, float] | None = None,
+               class_names: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """``(class index, geometry)`` of ``task``'s rows (or those whose bounds intersect ``box``), in id order:
+        class indices as :meth:`centroids` gives them and a shapely geometry array (Points where the store holds
+        none), without building records (no contours, measurements or properties): a viewer's drawing path."""
+        rows = self._task_rows("a.cx, a.cy, a.geometry", task, box, class_names).fetchall()
+        cls = np.array([r[0] for r in rows], np.int64)
+        geoms = np.empty(len(rows), object)
+        poly = [k for k, r in enumerate(rows) if r[3] is not None]
+        if poly:
+            geoms[poly] = shapely.from_wkb([zlib.decompress(rows[k][3]) for k in poly])
+        pts = [k for k, r in enumerate(rows) if r[3] is None]
+        if pts:
+            geoms[pts] = shapely.points([(rows[k][1], rows[k][2]) for k in pts])
+        return cls, geoms
 
     def close(self) -> None:
         self._con.close()
