@@ -55,3 +55,15 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip("../shared/data/real not found: real dataset samples are absent")
     return REAL_DATA
+
+
+def calibrate(net):
+    """A random network made usable as a stand-in for a trained one: BatchNorm statistics measured on random images
+    (so activations have a realistic scale and it finds instances); returned in eval mode."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.randint(0, 256, (2, 3, 96, 96)).float())
+    return net.eval()

@@ -64,7 +64,7 @@ def test_index_pages_link_existing_files(demo):
 
 def test_rerun_skips_finished_stages_and_redoes_interrupted_ones(demo):
     out, first = demo
-    (out / ".demo" / "wsi.json").unlink()  # as if the last stage had been interrupted
+    (out / "done" / "wsi.json").unlink()  # as if the last stage had been interrupted
     again = run_demo(out, settings=TINY, device="cpu", progress=False)
     skipped = {r["stage"]: r["skipped"] for r in again["stages"]}
     assert skipped == {s.title: s.key != "wsi" for s in STAGES}
@@ -76,7 +76,7 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(CerberusError, match="not a demo"):
         run_demo(tmp_path, settings=TINY, device="cpu", progress=False)
-    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / ".demo").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "done").exists()
 
 
 def test_settings_are_checked():

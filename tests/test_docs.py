@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REAL_DATA, REPO
+from conftest import REAL_DATA, REPO, calibrate
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\s*$")
@@ -135,12 +135,7 @@ def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("docs-assets")
     torch.manual_seed(0)
     net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=0.5))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 96, 96)).float())
+    calibrate(net)
     net.eval().save(root / "my_model")
     (root / "tiles").mkdir()
     for i in range(2):

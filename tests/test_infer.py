@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, assert_clean_error, run_cli
+from conftest import SHARED, assert_clean_error, calibrate, run_cli
 
 from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.synthetic import synth_tile
@@ -29,12 +29,7 @@ def model() -> Cerberus:
     activations have a realistic scale and the random network finds a few dozen "nuclei" per tile)."""
     torch.manual_seed(0)
     net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 96, 96)).float())
+    calibrate(net)
     return net.eval()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import calibrate, run_cli
 from skimage.draw import disk, ellipse
 
 from cerberus_histo import Cerberus, ModelConfig
@@ -197,12 +197,7 @@ def _one_head_model(folder: Path, full: bool) -> Path:
     if not full:
         config = ModelConfig(tasks=(NUCLEI.with_heads("inst"),), encoder="tiny", head_channels=8, mpp=4.0)
     net = Cerberus(config)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 96, 96)).float())
+    calibrate(net)
     net.provenance = {"trained_with": "test", "trained_heads": "nuclei-inst"}
     return net.eval().save(folder)
 

@@ -52,6 +52,24 @@ def test_patches_equal_the_source_crops(synth, tmp_path):
     assert again.skipped_images == 3 and again.patches == 0
 
 
+def test_patch_markers_follow_the_one_convention(synth, tmp_path):
+    """Finished images are marked as tiles and slides are (done/{name}.json, with the settings); an earlier
+    version's .done/ marker does not count: that image is extracted again."""
+    import json
+
+    extract_patches(synth, tmp_path / "p", win_size=128, step_size=64, progress=False)
+    folder = tmp_path / "p" / "synthetic-tiles" / "split_2" / "128_64"
+    marker = json.loads((folder / "done" / "synth_00001.json").read_text())
+    assert marker["settings"]["win_size"] == 128 and marker["settings"]["step_size"] == 64
+    assert marker["settings"]["mode"] == "valid" and len(marker["patches"]) == 9
+    assert not list((tmp_path / "p").rglob(".done"))
+    (folder / "done" / "synth_00001.json").rename(tmp_path / "old.json")
+    (folder / ".done").mkdir()
+    (tmp_path / "old.json").rename(folder / ".done" / "synth_00001.json")
+    again = extract_patches(synth, tmp_path / "p", win_size=128, step_size=64, progress=False)
+    assert again.skipped_images == 2 and again.images == 1 and again.patches == 9
+
+
 def test_mirror_mode_and_small_images(synth, tmp_path):
     r = extract_patches(synth, tmp_path / "m", win_size=128, step_size=64, mode="mirror", progress=False)
     assert r.patches == 3 * 16  # 200 + 2*32 = 264 -> starts 0, 64, 128, 136

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, calibrate, run_cli
 
 from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.patches import extract_patches
@@ -136,12 +136,7 @@ def _slide_model(folder, seed: int, heads: str | None = None):
     BatchNorm statistics (so it finds nuclei); ``heads``: its trained heads (default: all)."""
     torch.manual_seed(seed)
     net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 96, 96)).float())
+    calibrate(net)
     if heads is not None:
         net.provenance = {"trained_with": "test", "trained_heads": heads}
     return net.eval().save(folder)

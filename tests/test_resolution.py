@@ -55,7 +55,7 @@ def test_extraction_brings_images_to_the_model_mpp_per_image(tmp_path):
     assert meta["mpp"] == 0.5 and meta["image_mpp_range"] == [0.25, 1.0]
     # 96 px at 0.25 -> 48 px at 0.5: one 48-px window; 96 px at 1.0 -> 192 px: 16 windows
     counts = {n: len(json.loads(m.read_text())["patches"]) for n in names
-              for m in (tmp_path / "p" / "d").rglob(f".done/{n}.json")}
+              for m in (tmp_path / "p" / "d").rglob(f"done/{n}.json")}
     assert counts[names[0]] == 16 and all(counts[n] == 1 for n in names[1:])
     patch = load_patch(next((tmp_path / "p" / "d").rglob(f"{names[1]}-0000.npz")))
     assert patch["image"].shape == (48, 48, 3) and patch["nuclei_inst"].shape == (48, 48)
@@ -96,7 +96,7 @@ def test_a_model_trained_from_three_resolutions_is_saved_at_one(tmp_path):
     assert TrainConfig.from_yaml(tmp_path / "run" / "train.yaml").sources == saved["sources"]
     for task in ("nuclei", "lumen", "gland"):  # 96 px tiles brought to 0.5 um/px, then cut into 164-px windows
         expected = len(windows(scaled_shape((96, 96), sets[task].mpp, 0.5), 2 * 32 + 100, 32, "mirror")[1])
-        markers = list((tmp_path / "run" / "patches" / f"s-{task}").rglob(".done/*.json"))
+        markers = list((tmp_path / "run" / "patches" / f"s-{task}").rglob("done/*.json"))
         assert len(markers) == 4
         for marker in markers:
             done = json.loads(marker.read_text())

@@ -56,12 +56,10 @@ def test_workers_and_scheduler_are_one_or_the_other():
 
 
 def test_settings_a_run_does_not_use_are_refused(tmp_path):
-    """A tile run has no mask and no Dask workers (its post-processing processes are postproc_workers); one slide
-    has no Dask workers: such a setting is an error before any work, not silently ignored."""
+    """A tile run has no Dask workers (its post-processing processes are postproc_workers); one slide has no Dask
+    workers: such a setting is an error before any work, not silently ignored."""
     with pytest.raises(CerberusError, match=r"tile run .* --workers .* --postproc-workers"):
         infer_tiles(tmp_path / "model", tmp_path, tmp_path / "out", workers=2)
-    with pytest.raises(CerberusError, match="tile run .* --mask"):
-        infer_tiles(tmp_path / "model", tmp_path, tmp_path / "out", RunOptions(mask=tmp_path / "m.png"))
     with pytest.raises(CerberusError, match="one slide .* --scheduler"):
         predict_slide(None, None, tmp_path / "s.tif", tmp_path / "out", RunOptions(scheduler="tcp://head:8786"))
     assert not (tmp_path / "out").exists()

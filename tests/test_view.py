@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import shapely
 import torch
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, calibrate, run_cli
 from PIL import Image
 
 from cerberus_histo import Cerberus, ModelConfig
@@ -47,12 +47,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("view")
     torch.manual_seed(0)
     net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 96, 96)).float())
+    calibrate(net)
     model = net.eval().save(root / "tiny")
     slide = write_synthetic_slide(root / "synth.tif", 2100, 1600, seed=2, field=512, offset=128, n_fields=3,
                                   tile=256, progress=False)

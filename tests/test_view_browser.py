@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import shapely
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, calibrate, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -68,12 +68,7 @@ def results(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("view")
     torch.manual_seed(0)
     net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 96, 96)).float())
+    calibrate(net)
     model = net.eval().save(root / "tiny")
     for name, w, h, seed in (("a", 2100, 1600, 2), ("b", 1400, 1100, 10)):
         write_synthetic_slide(root / f"{name}.tif", w, h, seed=seed, field=512, offset=128, n_fields=2, tile=256,

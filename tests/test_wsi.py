@@ -19,7 +19,7 @@ import pytest
 import shapely
 import tifffile
 import torch
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import REPO, assert_clean_error, calibrate, run_cli
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
@@ -169,12 +169,7 @@ def model_dir(tmp_path_factory) -> Path:
     statistics measured on random images, so it finds instances."""
     torch.manual_seed(0)
     net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 96, 96)).float())
+    calibrate(net)
     return net.eval().save(tmp_path_factory.mktemp("model") / "tiny")
 
 

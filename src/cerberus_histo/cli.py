@@ -380,9 +380,12 @@ def _run_settings(params: dict, **more):
 @_run_options("tile")
 @click.option("--formats", default="geojson,sqlite,npz,hovernet,overlay,csv", show_default=True,
               help="Comma-separated output formats.")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Mask image for every tile, or folder of masks named {tile stem}.png; every result is clipped "
+                   "to the tile's mask. Default: none.")
 @click.option("--workers", "old_workers", type=int, default=None, hidden=True,
               help="Deprecated: the old name of --postproc-workers.")
-def infer_tile_cmd(model_dir, input_path, output, formats, old_workers, **params):
+def infer_tile_cmd(model_dir, input_path, output, formats, mask, old_workers, **params):
     """Segment and classify glands, lumina, nuclei and tissue in image tiles; re-runs skip finished images."""
     from .infer.tiles import infer_tiles
 
@@ -392,7 +395,7 @@ def infer_tile_cmd(model_dir, input_path, output, formats, old_workers, **params
             raise CerberusError("pass --postproc-workers only (--workers is its old name)")
         params["postproc_workers"] = old_workers
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
-    s = infer_tiles(model_dir, input_path, output, _run_settings(params, formats=fmts))
+    s = infer_tiles(model_dir, input_path, output, _run_settings(params, formats=fmts, mask=mask))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items())
     click.echo(f"{len(s.done)} images done, {len(s.skipped)} already done, {len(s.failed)} failed; results in "
                f"{s.output}" + (f"\ntime per stage: {stages}" if stages else ""))

@@ -18,7 +18,8 @@ sizes are in pixels at that resolution. Windows with no tissue-mask pixel are sk
 (int32 maps) or ``{task}_class_map``; patch-classification datasets give one patch per image with the scalar
 ``{task}_class``. Output: ``OUT/{dataset}/split_{k}/{win}_{step}/{image}-{idx:04d}.npz``, ``OUT/{dataset}/
 patches.json`` (the resolution, window, step and mode, and the images' own resolutions) and a marker per
-finished image, so a re-run skips finished images. A re-run with other settings into the same folder is an
+finished image (``done/{image}.json`` beside its patches, :func:`~cerberus_histo.io.files.write_marker`), so a
+re-run skips finished images. A re-run with other settings into the same folder is an
 error rather than a mix of two patch sets. Reflect padding can duplicate an instance; the targets fix that at
 training time (:func:`cerberus_histo.data.targets.fix_mirror_padding`).
 """
@@ -35,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import CerberusError
-from ..io.files import json_text
+from ..io.files import json_text, read_marker, write_marker
 from ..io.readers import resize
 from .dataset import DatasetSpec, atomic_write_bytes, load_dataset
 from .resolution import far_message, resample_annotation, resample_map, same_mpp, scaled_shape
@@ -163,8 +164,10 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
     image_classes = {t: spec.image_classes(t) for t in class_tasks}
     for name in tqdm(names, desc=f"extract {spec.name}", unit="image", disable=None if progress else True):
         folder = out / f"split_{splits[name]}" / (f"{win_size}_{step_size}" if not class_tasks else "")
-        marker = folder / ".done" / f"{name}.json"
-        if marker.is_file():
+        settings = {"mpp": to_mpp, "image_mpp": image_mpps[name], "win_size": None if class_tasks else win_size,
+                    "step_size": None if class_tasks else step_size, "mode": None if class_tasks else mode}
+        done = read_marker(folder, name)  # done/{name}.json; an earlier version's .done/ is not read: redone
+        if done is not None and done.get("settings") == json.loads(json_text(settings)):
             report.skipped_images += 1
             continue
         image = spec.read_image(name)
@@ -192,8 +195,8 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
                 written.append(fname)
         report.images += 1
         report.patches += len(written)
-        atomic_write_bytes(marker, json_text({"patches": written, "image_mpp": image_mpps[name],
-                                               "mpp": to_mpp}).encode())
+        write_marker(folder, name, {"settings": settings, "patches": written, "image_mpp": image_mpps[name],
+                                    "mpp": to_mpp})  # last, atomically: the image is finished
     return report
 
 

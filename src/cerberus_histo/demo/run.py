@@ -20,14 +20,14 @@ Stages (each timed; outputs under one folder, ``demo-output/`` by default):
 Then ``index.md`` and ``index.html`` show the pictures and link every file, and ``demo.json`` holds the
 settings, the machine, the stage timings and every result.
 
-Re-running is safe: each finished stage leaves a marker (``.demo/STAGE.json``) with the settings it ran with; a
+Re-running is safe: each finished stage leaves a marker (``done/STAGE.json``, :func:`~cerberus_histo.io.files.write_marker`)
+with the settings it ran with; a
 re-run skips stages whose marker matches and whose inputs did not change, and redoes (after deleting its old
 outputs) any other. ``--fresh`` redoes everything. A folder that holds something else is never written into.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -41,8 +41,9 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import CerberusError
+from ..io.files import MARKER_DIR, marker_path, read_marker, write_marker
 
-MARKERS = ".demo"
+LEGACY_MARKERS = ".demo"  # where earlier versions kept their markers: such stages are redone
 CLASS_PATCH = 144
 
 
@@ -390,10 +391,11 @@ STAGES = (
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CerberusError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKERS).is_dir() and not (out / "demo.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_DIR).is_dir() and \
+            not (out / LEGACY_MARKERS).is_dir() and not (out / "demo.json").is_file():
         raise CerberusError(f"--out {out} already holds files that are not a demo's; choose an empty or new folder")
     try:
-        (out / MARKERS).mkdir(parents=True, exist_ok=True)
+        (out / MARKER_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CerberusError(f"--out {out}: cannot write there ({exc.strerror}); choose another folder") from None
 
@@ -429,7 +431,7 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, seed: int
         for stage in STAGES:
             for rel in stage.outputs:
                 shutil.rmtree(out / rel, ignore_errors=True)
-            (out / MARKERS / f"{stage.key}.json").unlink(missing_ok=True)
+            marker_path(out, stage.key).unlink(missing_ok=True)
     fp = _fingerprint(s, seed, dev, precision)
     ctx = _Context(out, s, seed, dev, precision, progress)
     wanted = _closure(only) if only else {st.key for st in STAGES}
@@ -441,8 +443,8 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, seed: int
     print(f"Cerberus demo ({mode}) -> {out}/  [{dev}, {precision}; torch {torch.__version__}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads]", flush=True)
     for i, stage in enumerate(stages, 1):
-        marker = out / MARKERS / f"{stage.key}.json"
-        done = _read_marker(marker)
+        marker = marker_path(out, stage.key)
+        done = read_marker(out, stage.key)
         if done is not None and done.get("fingerprint") == fp and not rerun & set(stage.needs):
             ctx.results[stage.key] = done["result"]
             rows.append({"stage": stage.title, "seconds": done["seconds"], "skipped": True})
@@ -458,7 +460,7 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, seed: int
         seconds = round(time.perf_counter() - t0, 2)
         ctx.results[stage.key] = result
         rerun.add(stage.key)
-        _write_json(marker, {"fingerprint": fp, "seconds": seconds, "result": result})
+        write_marker(out, stage.key, {"fingerprint": fp, "seconds": seconds, "result": result})
         rows.append({"stage": stage.title, "seconds": seconds, "skipped": False})
         print(f"[{i}/{len(stages)}] {stage.title}: {_fmt_seconds(seconds)}", flush=True)
     total = round(time.perf_counter() - t_all, 2)
@@ -486,13 +488,6 @@ def _closure(only: tuple[str, ...]) -> set[str]:
             seen.add(k)
             todo.extend(by_key[k].needs)
     return seen
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -1,6 +1,7 @@
 """Inference: window geometry (:mod:`.tiling`), a run's settings (:mod:`.options`) and those chosen for the machine
 (:mod:`.runtime`), the engine (:mod:`.engine`, one path for tiles and slides), typed results (:mod:`.results`),
-tile inference (:mod:`.tiles`), whole slides (:mod:`.wsi`) and many slides (:mod:`.cohort`).
+tile inference (:mod:`.tiles`), whole slides (:mod:`.wsi`: a slide's plan in :mod:`.slide_plan`, the stages after
+it in :mod:`.slide_run`) and many slides (:mod:`.cohort`).
 
 Names are imported lazily, so importing this package (as post-processing workers do) does not import torch.
 """

@@ -1,7 +1,7 @@
 """Many slides: ``cerberus infer-wsi``, one slide after another in this process or one slide per Dask worker.
 
 :func:`infer_wsi` expands the inputs (files, folders, glob patterns), skips slides whose completion marker
-records this run's settings (:func:`~.wsi.slide_key`; the others are redone, with one line naming what changed),
+records this run's settings (:func:`~.slide_plan.slide_key`; the others are redone, with one line naming what changed),
 and runs :func:`run_slide` per slide: here (the model loaded once), on a :class:`~dask.distributed.
 LocalCluster` of ``workers`` processes, or on a running cluster at ``scheduler``. A slide that fails (missing,
 corrupt, no mpp, unreadable mask, out of memory...) is reported with its reason and the others go on; the
@@ -253,12 +253,12 @@ def _workers_precision(predictor, opts: RunOptions, workers: int, scheduler: str
 
 def _redo_reasons(done: dict | None, built: tuple, options: RunOptions, path: Path, stem: str,
                   precision: str | None) -> list[str] | None:
-    """:func:`~.wsi.redo_reasons` of one slide of the cohort, decided as its :func:`~.wsi.predict_slide` will
+    """:func:`~.slide_plan.redo_reasons` of one slide of the cohort, decided as its :func:`~.wsi.predict_slide` will
     decide it (``built``: this process's ``(predictor, config, model_id)``; ``precision``: the one the slide will
     run in, None when unknown here). Where the precision is unknown and nothing else changed, the slide goes to a
     worker, which compares the precision too: None (nothing to say here)."""
     from ..outputs.records import known_heads
-    from .wsi import mask_for, redo_reasons, slide_key
+    from .slide_plan import mask_for, redo_reasons, slide_key
 
     if done is None:
         return None

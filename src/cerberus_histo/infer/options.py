@@ -20,11 +20,10 @@ from ..errors import CerberusError
 
 MIN_CHUNK = 64  # model px: a chunk smaller than this is all margin
 #: the settings that only some runs use, and what they are (a run given one it does not use is an error)
-_ONLY_IN = {"mask": "--mask (the tissue mask of infer-wsi)",
-            "workers": "--workers (the Dask worker processes of infer-wsi; post-processing processes are "
+_ONLY_IN = {"workers": "--workers (the Dask worker processes of infer-wsi; post-processing processes are "
                        "--postproc-workers)",
             "scheduler": "--scheduler (the Dask scheduler of infer-wsi)"}
-_UNUSED = {"tiles": ("mask", "workers", "scheduler"), "slide": ("workers", "scheduler"), "cohort": ()}
+_UNUSED = {"tiles": ("workers", "scheduler"), "slide": ("workers", "scheduler"), "cohort": ()}
 
 
 def _count(value, least: int) -> bool:
@@ -48,8 +47,9 @@ class RunOptions:
         chunk_size: chunk side of a slide run in model pixels (>= 64; None: what fits ``memory_gb``).
         margin_um: context around each chunk of a slide run (µm, > 0).
         mask: slide runs: a tissue mask image of the slide, or a folder of masks named after the slides
-            (``{stem}.png``, ``{stem}_mask.png`` or ``{slide name}.png``); None: computed. Every record is clipped
-            to a given mask.
+            (``{stem}.png``, ``{stem}_mask.png`` or ``{slide name}.png``); None: computed. Tile runs: one mask
+            image for every tile, or a folder of masks named after the tiles (the same names); None: no mask.
+            Every record is clipped to a given mask (docs/wsi.md, "Masks").
         workers: many slides (:func:`~.cohort.infer_wsi`): a Dask LocalCluster of that many worker processes, one
             slide each at a time (0: slides run one after another in this process).
         scheduler: many slides: the address of a running Dask scheduler (``tcp://host:8786``); not with ``workers``.
@@ -57,7 +57,7 @@ class RunOptions:
         echo: where the run's lines go (settings, redone results, failures); None: stderr, above the progress
             bars (:func:`~.pool.echo`). Not compared, and not sent to Dask workers.
 
-    A tile run takes no ``mask``, ``workers`` or ``scheduler``, and one slide no ``workers`` or ``scheduler``
+    A tile run takes no ``workers`` or ``scheduler``, and one slide no ``workers`` or ``scheduler``
     (:meth:`check_for`).
     """
 

@@ -7,7 +7,8 @@
   at once in the calling process. Every finished job, in submission order, is handed to ``on_done(tag,
   future)``; a pool whose processes died is a :class:`CerberusError`, never a failed job.
 * A run's output folder holds ``done/{stem}.json`` per finished image or slide, written last and atomically
-  (:func:`write_marker`); a re-run skips what has one (:func:`read_marker`). The folder is created by the first
+  (:func:`write_marker`); a re-run skips what has one (:func:`read_marker`). These helpers live in
+  :mod:`cerberus_histo.io.files`, shared with patch extraction and the demo: one convention (docs/outputs.md). The folder is created by the first
   result written, never before (:func:`check_output` only checks).
 * The settings that make a result form its run key (:func:`run_key`, with :func:`weights_id` for the model);
   tiles record it in their markers, slides in their partial stores (and the part a re-run can know before opening
@@ -32,9 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CerberusError
-from ..io.files import write_json
-
-MARKER_DIR = "done"
+from ..io.files import MARKER_DIR, marker_path, read_marker, write_marker  # the one marker convention
 
 
 def _is_main_test(test: ast.expr) -> bool:
@@ -161,27 +160,6 @@ def check_output(folder: Path) -> Path:
     if not all(os.access(p, os.W_OK | os.X_OK) for p in (nearest, folder / MARKER_DIR) if p.exists()):
         raise CerberusError(f"--output {folder} is not writable; choose another path")
     return folder
-
-
-def marker_path(output: Path, stem: str) -> Path:
-    """The completion marker of ``stem``: ``{output}/done/{stem}.json``."""
-    return Path(output) / MARKER_DIR / f"{stem}.json"
-
-
-def read_marker(output: Path, stem: str) -> dict | None:
-    """The marker's content, or None when there is none or it cannot be read (then the work is done again)."""
-    try:
-        done = json.loads(marker_path(output, stem).read_text())
-    except (OSError, ValueError):
-        return None
-    return done if isinstance(done, dict) else None
-
-
-def write_marker(output: Path, stem: str, content: dict) -> Path:
-    """Write the marker atomically (the last file of a finished image or slide); returns its path."""
-    path = marker_path(output, stem)
-    write_json(path, content)
-    return path
 
 
 # ---- what made a result: the run key ------------------------------------------------------------------------

@@ -9,8 +9,10 @@ pixels and ``scale`` (image pixels per model pixel) maps them back.
 ``postproc_workers`` processes, so that image ``i``'s post-processing overlaps image ``i + 1``'s inference. Every
 file is written atomically, and a completion marker ``OUTPUT/done/{stem}.json`` (the image's summary: files,
 counts, timings, and the settings that made it, :func:`~.pool.run_key`) is written last: a re-run skips the images
-that have one made with the same settings and redoes the others, saying so. An unreadable image is reported on one
-line and the others are still done. This module imports torch only inside the functions that run the network, so
+that have one made with the same settings and redoes the others, saying so. With ``mask`` (one mask image for
+every tile, or a folder of masks named after the tiles, :func:`tile_mask`) every record is clipped to the tile's
+mask by the rule slides use (:func:`~cerberus_histo.outputs.records.clip_records`), and the mask's content hash is
+one of the settings. An unreadable image is reported on one line and the others are still done. This module imports torch only inside the functions that run the network, so
 the workers stay light.
 """
 
@@ -177,7 +179,7 @@ def finish_tile(job: dict) -> dict:
                           image=job["image"], scale=job["scale"], formats=job["formats"],
                           centroids_only=job["centroids_only"], cell=pred.cell,
                           metadata={**job["metadata"], "tissue_cell": pred.cell},
-                          heads=job["metadata"]["trusted_heads"])
+                          heads=job["metadata"]["trusted_heads"], region=job.get("region"))
     t2 = time.perf_counter()
     timings = dict(job["timings"], **pred.timings, postprocess=t1 - t0, export=t2 - t1)
     counts = {t: len(r.instances) for t, r in results.items() if r.instances is not None}
@@ -194,6 +196,51 @@ def finish_tile(job: dict) -> dict:
     return marker
 
 
+def tile_mask(mask: Path | None, image: Path, stem: str) -> Path | None:
+    """The mask of tile ``image``: ``mask`` itself when it is a file (one mask for every tile), ``{mask}/{stem}.png``
+    (or ``{stem}_mask.png``, ``{image name}.png``) when it is a folder; None without ``mask``. A folder without the
+    tile's mask is a one-line error for that tile."""
+    if mask is None:
+        return None
+    mask = Path(mask)
+    if not mask.is_dir():
+        return mask
+    names = (f"{stem}.png", f"{stem}_mask.png", f"{Path(image).name}.png")
+    for name in names:
+        if (mask / name).is_file():
+            return mask / name
+    raise CerberusError(f"no mask for {Path(image).name} in {mask} (looked for {', '.join(names)})")
+
+
+def _mask_key(mask: Path | None, image: Path, stem: str) -> dict:
+    """The mask's part of a tile's run key: none without a mask (so keys of runs without one stay as they were),
+    else ``sha1:`` and the hash of the tile's mask file (``unavailable`` when it cannot be found or read)."""
+    if mask is None:
+        return {}
+    import hashlib
+
+    try:
+        return {"mask": "sha1:" + hashlib.sha1(tile_mask(mask, image, stem).read_bytes()).hexdigest()}
+    except (OSError, CerberusError):
+        return {"mask": "unavailable"}
+
+
+def _mask_region(mask_file: Path, rgb: np.ndarray, image_mpp: float, name: str, echo):
+    """The tile's mask as a shapely geometry in image pixels, inside the image (as slides do, docs/wsi.md)."""
+    import shapely
+
+    from ..io.tissue import load_mask
+    from ..outputs.records import mask_region
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mask, mask_mpp = load_mask(mask_file, ArrayReader(rgb, image_mpp, name))
+    for w in caught:
+        echo(f"warning: {name}: {w.message}")
+    h, w = rgb.shape[:2]
+    return shapely.clip_by_rect(mask_region(mask, mask_mpp / image_mpp), 0, 0, w, h)
+
+
 def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOptions | None = None,
                 **settings) -> TileRunSummary:
     """Predict every image of ``input_path`` (a file or a folder) with the model in ``model_dir`` and write
@@ -202,13 +249,13 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
     ``options`` (a :class:`~.options.RunOptions`), or its fields as keyword ``settings``
     (``infer_tiles(model_dir, input, output, postproc_workers=2, mpp=0.25)``), set the run: ``mpp``, the machine
     settings, ``tta``, the window, ``postproc_workers`` (the pool's processes), ``formats``, ``centroids_only``,
-    ``progress`` and ``echo`` (where its lines go; default stderr). Left ``None``/``auto`` they are chosen for the
+    ``progress``, ``echo`` (where its lines go; default stderr) and ``mask`` (:func:`tile_mask`). Left ``None``/``auto`` they are chosen for the
     machine (:mod:`.runtime`; ``postproc_workers``: the cores the network leaves free) and stated first. A slide
-    setting (``mask``, ``workers``, ``scheduler``) is an error. Per-image problems are reported on one line each
+    setting (``workers``, ``scheduler``) is an error. Per-image problems are reported on one line each
     and collected in the summary's ``failed``; problems with the model, the options or the output folder raise a
     one-line :class:`CerberusError` before any work, and before ``output`` is created. An image whose marker was
     made with other settings (:func:`~.pool.run_key`: the model's weights and config, the images' mpp, the window,
-    ``tta``, the precision used, ``centroids_only``, the trusted heads) is done again, with one line for all such
+    ``tta``, the precision used, ``centroids_only``, the trusted heads, the mask's content) is done again, with one line for all such
     images."""
     if options is not None and settings:
         raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
@@ -216,6 +263,9 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
     echo = opts.say
     images = list_images(input_path)
     output = check_output(output)
+    if opts.mask is not None and not opts.mask.exists():
+        raise CerberusError(f"--mask {opts.mask} not found; pass a mask image or a folder of masks named after the "
+                            "tiles")
     stems = output_stems(images)
     markers = {p: read_marker(output, stems[p]) for p in images}
 
@@ -233,7 +283,9 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
     key = run_key(model.config, weights_id(model), window=window, tta=opts.tta, precision=runtime.precision,
                   heads=list(predictor.heads), mpp=predictor.mpp if opts.mpp is None else opts.mpp,
                   centroids_only=opts.centroids_only)
-    changed = {p: c for p, m in markers.items() if m is not None and (c := changed_settings(m.get("settings"), key))}
+    keys = {p: {**key, **_mask_key(opts.mask, p, stems[p])} for p in images}  # the mask is a setting per tile
+    changed = {p: c for p, m in markers.items()
+               if m is not None and (c := changed_settings(m.get("settings"), keys[p]))}
     todo = [p for p in images if p in changed or not _has_formats(markers[p], opts.formats)]
     summary = TileRunSummary(output, skipped=[p.name for p in images if p not in todo])
     if not todo:
@@ -283,13 +335,15 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
                 t_read = time.perf_counter() - t0
                 try:
                     pred, rgb, image_mpp, scale = predict_probs(predictor, image, opts.mpp, path.name)
+                    mask_file = tile_mask(opts.mask, path, stems[path])
+                    region = None if mask_file is None else _mask_region(mask_file, rgb, image_mpp, path.name, echo)
                 except CerberusError as exc:
                     failed(path.name, str(exc))
                     continue
                 job = {"pred": pred, "image": rgb, "image_mpp": image_mpp, "scale": scale, "config": model.config,
                        "output": output, "stem": stems[path], "formats": opts.formats,
                        "centroids_only": opts.centroids_only, "metadata": metadata, "source": str(path),
-                       "timings": {"decode": t_read}, "settings": key,
+                       "timings": {"decode": t_read}, "settings": keys[path], "region": region,
                        "stale_files": _recorded_files(markers[path]) if path in changed else []}
                 pool.submit(finish_tile, job, path.name)
                 del job, pred  # a worker has its copy: bound the probability maps held here
@@ -300,4 +354,4 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
 
 
 __all__ = ["TileRunSummary", "classify_patch_set", "finish_tile", "infer_tiles", "is_finished", "list_images",
-           "postprocess_region", "predict_probs", "predict_tile"]
+           "postprocess_region", "predict_probs", "predict_tile", "tile_mask"]

@@ -94,3 +94,32 @@ def read_yaml_mapping(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CerberusError(f"{path} must hold a YAML mapping")
     return data
+
+
+# ---- finished work: done/ markers -------------------------------------------------------------------------
+#: the folder, inside an output folder, of the completion markers: ``{folder}/done/{name}.json``
+MARKER_DIR = "done"
+
+
+def marker_path(folder: Path, name: str) -> Path:
+    """The completion marker of ``name`` (an image, a slide, a demo stage) in ``folder``:
+    ``{folder}/done/{name}.json``."""
+    return Path(folder) / MARKER_DIR / f"{name}.json"
+
+
+def read_marker(folder: Path, name: str) -> dict | None:
+    """The marker's content, or None when there is none or it cannot be read (then the work is done again).
+    Markers of earlier versions (``.done/``, ``.demo/``) are not read: that work is done again."""
+    try:
+        done = json.loads(marker_path(folder, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
+
+
+def write_marker(folder: Path, name: str, content: dict) -> Path:
+    """Write the marker (strict JSON, atomically) as the last file of the finished work, holding ``content``: the
+    settings it was made with and what it wrote; returns its path."""
+    path = marker_path(folder, name)
+    write_json(path, content)
+    return path

@@ -96,7 +96,8 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
                   centroids_only: bool = False, metadata: Mapping | None = None,
                   overlay_max_side: int | None = 4096,
                   records: Mapping[str, AnnotationRecords] | None = None,
-                  cell: float | None = None, heads: Iterable[str] | None = None) -> dict[str, Path]:
+                  cell: float | None = None, heads: Iterable[str] | None = None,
+                  region=None) -> dict[str, Path]:
     """Write the results of one image in ``formats``, each file atomically; returns format -> path.
 
     Files: ``{stem}.geojson`` (QuPath), ``{stem}.db`` (TIAToolbox SQLiteStore), ``{stem}.npz`` (label maps),
@@ -104,7 +105,9 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
     ``{stem}_summary.csv`` (:func:`~.summary.write_summary`). ``mpp`` is the resolution of the output coordinates
     and the maps are at ``mpp * scale`` (see :func:`~.records.annotation_records`); ``metadata`` adds keys to
     the store's metadata beside ``mpp``, ``processing_mpp``, ``scale``, ``offset``, ``software`` and ``model``.
-    Every geometry is clipped to the image (``image``'s extent, else the maps' times ``scale``).
+    Every geometry is clipped to the image (``image``'s extent, else the maps' times ``scale``) and, when
+    ``region`` (a user's mask as a shapely geometry in output coordinates, :func:`~.records.mask_region`) is given,
+    to it by :func:`~.records.clip_records`' rule; the summary's analysed area is then the region's inside the image.
     ``records``: the :func:`~.records.annotation_records` of these results with the same ``mpp``, ``scale`` and
     ``offset``, when already built; built here otherwise. ``cell``: map pixels per tissue class cell. ``heads``:
     the model's trusted heads (:func:`~cerberus_histo.config.trusted_heads`; None: every head ``results`` hold);
@@ -129,10 +132,14 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
     records = {t: r for t, r in records.items() if t in results}
     shape = next((tuple(r.inst_map.shape) for r in results.values() if r.inst_map is not None), None)
     size = image.shape[:2] if image is not None else (None if shape is None else (shape[0] * scale, shape[1] * scale))
+    bounds = None
     if size is not None:  # every geometry inside the image (resampled maps may reach half a pixel past it)
         x0, y0 = (float(v) for v in offset)
-        frame = shapely.box(x0, y0, x0 + float(size[1]), y0 + float(size[0]))
-        records = {t: clip_records(r, frame, mpp) for t, r in records.items()}
+        bounds = shapely.box(x0, y0, x0 + float(size[1]), y0 + float(size[0]))
+    if region is not None:  # and inside the user's mask
+        bounds = region if bounds is None else shapely.intersection(bounds, region)
+    if bounds is not None:
+        records = {t: clip_records(r, bounds, mpp) for t, r in records.items()}
     class_map = _tissue_map(results)
     if class_map is not None and cell is None:  # stretched over the maps' extent
         cell = (shape[1] if shape else class_map.shape[1]) / class_map.shape[1]
@@ -161,6 +168,8 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
                                                offset=offset, max_side=overlay_max_side))
             elif fmt == "csv":
                 area = 0.0 if size is None else float(size[0]) * float(size[1]) * float(mpp) ** 2
+                if region is not None:
+                    area = float(shapely.area(bounds)) * float(mpp) ** 2
                 summary = summarize(records, config, analysed_area_um2=area, class_map=class_map, cell=cell_out,
                                     offset=offset, heads=known)
                 write_summary(None, path, summary)

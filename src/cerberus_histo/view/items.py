@@ -24,13 +24,13 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import CerberusError, ConfigError
+from ..io.files import MARKER_DIR  # the one convention for finished work (docs/outputs.md)
 from ..outputs.records import UNCLASSIFIED, UNTYPED, UNTYPED_COLOR, own_class
 from ..outputs.store import AnnotationStore
 from .render import OVERLAP, TILE_SIZE, tissue_raster
 
 #: the tasks an item's info lists, in this order
 TASKS = ("gland", "lumen", "nuclei", "tissue")
-MARKER_DIR = "done"
 
 
 def _read_json(path: Path) -> dict | None:
