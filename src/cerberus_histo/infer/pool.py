@@ -181,6 +181,14 @@ def weights_id(model) -> str:
     return h.hexdigest()[:16]
 
 
+def file_id(path: Path) -> str:
+    """``sha1:`` and the hash of a file's contents (a user's mask in a run key: another file, or new contents at the
+    same path, is another input). Raises ``OSError`` when the file cannot be read."""
+    import hashlib
+
+    return "sha1:" + hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
 def run_key(config, model_id: str, *, window, tta: bool, precision: str, **settings) -> dict:
     """The settings that make a run's results, as JSON gives them back: the model (``config.to_dict()`` and
     ``model_id``, its :func:`weights_id`), the window, ``tta``, the precision used (``auto`` resolved), and the
@@ -239,6 +247,6 @@ def one_line(exc: BaseException) -> str:
     return first if isinstance(exc, CerberusError) else f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
-__all__ = ["MARKER_DIR", "NO_GUARD", "SETTING_NAMES", "WorkerPool", "changed_settings", "check_output", "echo",
+__all__ = ["MARKER_DIR", "NO_GUARD", "SETTING_NAMES", "WorkerPool", "changed_settings", "check_output", "file_id", "echo",
            "marker_path", "one_line", "output_stems", "read_marker", "redone_line", "run_key", "spawn_safe",
            "weights_id", "write_marker"]

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import CerberusError
 from .chunks import Chunk, dense_channels, plan_chunks, tissue_chunks
 from .options import RunOptions
-from .pool import changed_settings, run_key
+from .pool import changed_settings, file_id, run_key
 
 MASK_MPP, MASK_MAX_SIDE = 8.0, 2048  # computed tissue masks: 8 um/px, at most 2048 px per side
 DEFAULT_CHUNK = 4096  # model px, for a predictor without a runtime (and so without a memory budget)
@@ -40,7 +40,7 @@ def mask_id(mask: str | Path | Callable[[], Path | None] | None) -> str:
             mask = mask()
         if mask is None:
             return "computed"
-        return "sha1:" + hashlib.sha1(Path(mask).read_bytes()).hexdigest()
+        return file_id(mask)
     except (CerberusError, OSError):
         return "unavailable"
 

@@ -36,6 +36,7 @@ from .pool import (
     WorkerPool,
     changed_settings,
     check_output,
+    file_id,
     one_line,
     output_stems,
     read_marker,
@@ -217,10 +218,8 @@ def _mask_key(mask: Path | None, image: Path, stem: str) -> dict:
     else ``sha1:`` and the hash of the tile's mask file (``unavailable`` when it cannot be found or read)."""
     if mask is None:
         return {}
-    import hashlib
-
     try:
-        return {"mask": "sha1:" + hashlib.sha1(tile_mask(mask, image, stem).read_bytes()).hexdigest()}
+        return {"mask": file_id(tile_mask(mask, image, stem))}
     except (OSError, CerberusError):
         return {"mask": "unavailable"}
 
