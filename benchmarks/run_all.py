@@ -71,6 +71,9 @@ BENCHES = (
           "end-to-end over forward-only time, device utilisation",
           (), ("--sizes", "4000"),
           gpu=(("--original", "--sizes", "20000", "--tissue-fraction", "1"),), gpu_timeout=330),
+    Bench("store_geojson", "a slide store of one million nuclei written as GeoJSON and HoVer-Net JSON, each writer "
+          "in a fresh process: peak RSS (target < 1 GB for GeoJSON), seconds, file size",
+          (), ("--quick",), timeout=1800),
     Bench("train_synthetic", "the six-head model trained on synthetic data for a fixed budget, held-out PQ / F1 / "
           "accuracy and samples per second",
           (), ("--steps", "60", "--tiles", "6", "--per-class", "10"), timeout=3 * 3600),

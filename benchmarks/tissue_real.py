@@ -79,6 +79,7 @@ def cmu(work: Path, model_dir: Path | None, steps: int, env: dict) -> dict:
 
     from cerberus_histo import Cerberus
     from cerberus_histo.data.synthetic import write_patches
+    from cerberus_histo.io.files import write_png
     from cerberus_histo.io.slides import open_slide
     from cerberus_histo.io.tissue import tissue_mask
 
@@ -91,7 +92,7 @@ def cmu(work: Path, model_dir: Path | None, steps: int, env: dict) -> dict:
         mask, _ = tissue_mask(reader)
         width, height = reader.dimensions
     everything = work / "all-tissue.png"  # a mask covering the whole slide: every window runs
-    cv2.imwrite(str(everything), np.full((max(1, height // 32), max(1, width // 32)), 255, np.uint8))
+    write_png(everything, np.full((max(1, height // 32), max(1, width // 32)), 255, np.uint8))
     t0 = time.perf_counter()
     res = model.predict_wsi(CMU, work / "cmu", mask=everything, progress=False)
     seconds = time.perf_counter() - t0

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cerberus_histo.demo.report import _label as label
+from cerberus_histo.demo.scores import _label as label
 
 OUT = Path(__file__).resolve().parent / "demo.jpg"
 W = 1200

@@ -289,7 +289,7 @@ def test_evaluate_marks_what_was_never_trained(one_head_run, tmp_path):
 
 
 def test_demo_slide_evaluation_does_not_score_untrained_types(one_head_run, synth):
-    from cerberus_histo.demo.report import evaluate_slide, model_heads, untrained
+    from cerberus_histo.demo.scores import evaluate_slide, model_heads, untrained
 
     heads = model_heads(one_head_run["model"])
     assert heads == ("nuclei-inst",)

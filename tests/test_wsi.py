@@ -326,6 +326,40 @@ def test_network_chunks_equal_one_pass(model_dir, tmp_path):
     assert res.objects == len(got) and json.loads(res.paths["metadata"].read_text())["chunks"]["with_tissue"] > 1
 
 
+def _hovernet_shape(data: dict) -> dict:
+    """A HoVer-Net JSON's format: its sections and, per section, the keys and value types of its entries."""
+    def kind(v):
+        return "null" if v is None else "list" if isinstance(v, list) else "number"
+
+    return {k: (kind(v) if not isinstance(v, dict) else sorted({(f, kind(x)) for e in v.values()
+                                                                  for f, x in e.items()}))
+            for k, v in data.items()}
+
+
+def test_tiles_and_slides_write_the_same_formats(model_dir, tmp_path):
+    """One writer each: a tile of a slide and the slide itself write the same summary header and tasks, and HoVer-Net
+    JSON of one format (sections, entry keys, value types)."""
+    slide = write_synthetic_slide(tmp_path / "s.tif", 900, 700, seed=5, **SMALL)
+    model = Cerberus.load(model_dir)
+    window = dict(input_shape=192, output_shape=128, batch_size=1, precision="fp32", progress=False)
+    res = model.predict_wsi(slide, tmp_path / "slide", chunk_size=256, postproc_workers=0, **window)
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    cv2.imwrite(str(tiles / "t.png"), np.ascontiguousarray(tifffile.imread(slide)[:600, :800, ::-1]))
+    from cerberus_histo.infer.tiles import infer_tiles
+
+    run = infer_tiles(model_dir, tiles, tmp_path / "tile", mpp=json.loads(res.paths["metadata"].read_text())["mpp"],
+                      postproc_workers=0, **window)
+    assert run.done == ["t.png"]
+    tile = {"csv": tmp_path / "tile" / "t_summary.csv", "json": tmp_path / "tile" / "t.json"}
+    tile_csv, slide_csv = tile["csv"].read_text().splitlines(), res.paths["summary_csv"].read_text().splitlines()
+    assert tile_csv[0] == slide_csv[0] == "task,class,tissue_class,count,area_um2,mean_area_um2"
+    assert {r.split(",")[0] for r in tile_csv[1:]} == {r.split(",")[0] for r in slide_csv[1:]}
+    tile_hover, slide_hover = json.loads(tile["json"].read_text()), json.loads(res.paths["hovernet"].read_text())
+    assert tile_hover["mag"] == slide_hover["mag"] and len(slide_hover["nuc"]) > 5 and len(tile_hover["nuc"]) > 5
+    assert _hovernet_shape(tile_hover) == _hovernet_shape(slide_hover)
+
+
 @pytest.mark.skipif(not CMU.is_file(), reason=f"real slide {CMU} not present")
 def test_cli_real_slide_end_to_end(model_dir, tmp_path):
     out = tmp_path / "out"

@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 
 from ..errors import CerberusError
-from ..io.files import atomic_write_bytes, read_yaml_mapping
+from ..io.files import atomic_write_bytes, read_yaml_mapping, write_image
 from ..tasks import TASKS, from_dict
 
 FORMAT = "cerberus-dataset"
@@ -357,10 +357,8 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def write_rgb(path: Path, image: np.ndarray) -> None:
-    ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(image[..., ::-1]))
-    if not ok:
-        raise CerberusError(f"{path}: could not encode the image")
-    atomic_write_bytes(path, buf.tobytes())
+    """An RGB image in the format of the path's suffix, written atomically."""
+    write_image(path, image)
 
 
 def write_label(path: Path, annotation: Annotation) -> None:

@@ -1,1 +1,3 @@
-"""Input and output: safe file helpers (and, as they land, slide readers and result writers). No torch."""
+"""Input and output below the results: safe files (atomic writes, strict JSON, the one image encoder, completion
+markers), image and slide readers, tissue masks and the slide-wide grid reader. No torch; the result writers are
+:mod:`cerberus_histo.outputs`."""

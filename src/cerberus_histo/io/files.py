@@ -71,18 +71,37 @@ def write_json(path: Path, value, indent: int | None = 2) -> None:
     atomic_write_bytes(Path(path), json_text(value, indent=indent).encode())
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    """An RGB (``H x W x 3``) or single-channel ``uint8`` image as PNG, written atomically: the one PNG encoder of the
-    package (overlays, thumbnails, tissue maps and masks, the demo's figures)."""
+def encode_image(image: np.ndarray, suffix: str = ".png", fast: bool = False) -> bytes:
+    """A ``uint8`` image, single-channel, RGB (``H x W x 3``) or RGBA (``H x W x 4``, straight alpha), encoded in the
+    format of ``suffix`` (``.png`` unless told; ``.jpg``, ``.tif`` as OpenCV writes them). ``fast``: the quickest PNG
+    compression (the viewer's many small tiles). The one image encoder of the package: PNG is encoded only here."""
     import cv2
 
     arr = np.ascontiguousarray(image)
     if arr.ndim == 3:
-        arr = cv2.cvtColor(arr[..., :3], cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", arr)
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA if arr.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if fast and suffix.lower() == ".png" else []
+    ok, buf = cv2.imencode(suffix or ".png", arr, params)
     if not ok:
-        raise CerberusError(f"could not encode {path} as PNG")
-    atomic_write_bytes(Path(path), buf.tobytes())
+        raise CerberusError(f"could not encode an image of shape {arr.shape} as {suffix or '.png'}")
+    return buf.tobytes()
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """``image`` (as :func:`encode_image` takes it) in the format of the path's suffix (PNG without one), written
+    atomically."""
+    path = Path(path)
+    try:
+        data = encode_image(image, path.suffix or ".png")
+    except CerberusError:
+        raise CerberusError(f"could not encode {path} (shape {np.shape(image)})") from None
+    atomic_write_bytes(path, data)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """A single-channel, RGB or RGBA ``uint8`` image as PNG, written atomically (overlays, thumbnails, tissue maps
+    and masks, the demo's figures)."""
+    atomic_write_bytes(Path(path), encode_image(image, ".png"))
 
 
 def read_yaml_mapping(path: Path) -> dict:

@@ -33,9 +33,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..io.files import encode_image
 from ..outputs.records import UNCLASSIFIED
 from .items import Item, find_items
-from .render import Overlay, encode_png, parse_hide
+from .render import Overlay, parse_hide
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: object lookup preference: the smallest objects first
@@ -128,7 +129,7 @@ class Viewer:
         data = self.tiles.get(key)
         if data is None:
             self.used(item)
-            data = encode_png(self.overlays[item.index].tile(level, col, row, hide))
+            data = encode_image(self.overlays[item.index].tile(level, col, row, hide), fast=True)
             self.tiles.put(key, data)
         return data
 

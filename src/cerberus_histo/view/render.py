@@ -369,12 +369,4 @@ def _over(canvas: np.ndarray, rgb: np.ndarray, alpha: np.ndarray) -> None:
     canvas[..., 3][m] = np.round(oa * 255.0).astype(np.uint8)
 
 
-def encode_png(rgba: np.ndarray) -> bytes:
-    """An RGBA array as PNG bytes (fast compression: tiles are small and many)."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:  # pragma: no cover
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
-__all__ = ["OVERLAP", "TILE_SIZE", "Overlay", "Shapes", "encode_png", "parse_hide", "raster_cell", "tissue_raster"]
+__all__ = ["OVERLAP", "TILE_SIZE", "Overlay", "Shapes", "parse_hide", "raster_cell", "tissue_raster"]
