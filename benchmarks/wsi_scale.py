@@ -23,6 +23,11 @@ runs the 1 cm² slide this way:
 
     python benchmarks/wsi_scale.py --sizes 10000,30000 --json wsi.json
     python benchmarks/wsi_scale.py --original --sizes 20000 --tissue-fraction 1      # 1 cm² of tissue, GPU
+    python benchmarks/wsi_scale.py --original --sizes 4000,12000 --tissue-fraction 0.2  # one chunk against many
+
+Each window of the slide's grid runs once however the slide is chunked (issue 31): printed per slide are the
+windows run over the windows of one pass over the tissue, and the window cache's figures; with several sizes, each
+against the first (seconds per mm² of tissue, that ratio, peak RSS).
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ def run_one(args) -> dict:
     shape = shapes.most_common(1)[0][0] if shapes else (g.input_shape, g.input_shape)
     forward_only = seconds_per_window(shape) * windows
     return {"wall_s": wall, "objects": res.objects, "windows": windows, "forward_only_s": forward_only,
+            "one_pass_windows": int(meta["windows"]["one_pass"]), "cache": meta["windows"]["cache"],
             "timings_s": meta["timings_s"], "tissue_mm2": res.summary["analysed_area_um2"] / 1e6,
             "chunks": meta["chunks"], "chunk_px": meta["chunk_size"], "dropped": meta["dropped_large_objects"],
             "runtime": predictor.runtime.line(),
@@ -223,7 +229,8 @@ def main(argv=None) -> list[dict]:
             shutil.rmtree(out)
         r = measure(args, slide, out)
         r.update(side=side, gpx=side * side / 1e9, s_per_mm2=r["wall_s"] / max(r["tissue_mm2"], 1e-9),
-                 e2e_over_forward=r["wall_s"] / max(r["forward_only_s"], 1e-9))
+                 e2e_over_forward=r["wall_s"] / max(r["forward_only_s"], 1e-9),
+                 windows_over_one_pass=r["windows"] / max(r["one_pass_windows"], 1))
         t = r["timings_s"]
         print(f"{side:>6}^2 px  wall {r['wall_s']:7.1f} s  tissue {r['tissue_mm2']:7.1f} mm2  "
               f"{r['s_per_mm2']:6.3f} s/mm2  objects {r['objects']:>8}  peak RSS {r['ru_maxrss_mb']:6.0f} MB "
@@ -232,11 +239,22 @@ def main(argv=None) -> list[dict]:
               f"post-process {t['postprocess']:.1f}, write {t['write']:.1f}, outputs {t['outputs']:.1f} s; "
               f"chunks {r['chunks']['with_tissue']}/{r['chunks']['total']} of {r['chunk_px']} px, windows "
               f"{r['windows']}]", flush=True)
+        c = r["cache"] or {}
+        print(f"  windows run / windows of one pass over the tissue: {r['windows']} / {r['one_pass_windows']} = "
+              f"{r['windows_over_one_pass']:.3f}; window cache: {c.get('reused', 0)} reused, {c.get('kept', 0)} kept "
+              f"({c.get('spilled', 0)} on disk, peak {c.get('peak_bytes', 0) / 2**20:.0f} MB in memory)", flush=True)
         print(f"  settings: {r['runtime']}", flush=True)
         if r["gpu_peak_gb"] is not None:
             print(f"  GPU: peak memory allocated {r['gpu_peak_gb']:.1f} GiB; {r['gpu_sampled']}; "
                   f"{r['wall_s'] / max(r['tissue_mm2'] / 100, 1e-9):.1f} s per cm2 of tissue", flush=True)
         rows.append(r)
+    if len(rows) > 1:  # against the first size (the one-chunk slide), in this run
+        base = rows[0]
+        for r in rows[1:]:
+            print(f"{r['side']}^2 against {base['side']}^2: s/mm2 x{r['s_per_mm2'] / base['s_per_mm2']:.3f}, windows / "
+                  f"one pass {r['windows_over_one_pass']:.3f} (against {base['windows_over_one_pass']:.3f}), peak RSS "
+                  f"{r['peak_rss_tree_mb'] / 1024:.2f} GB (tree; against {base['peak_rss_tree_mb'] / 1024:.2f} GB)",
+                  flush=True)
     if args.json:
         args.json.write_text(json.dumps({"machine": where, "args": {k: str(v) for k, v in
                                                                                vars(args).items()}, "rows": rows},

@@ -112,8 +112,12 @@ def test_strip_slide_runs_fitted_windows(tiny, tmp_path):
                         RunOptions(mpp=0.5, mask=tmp_path / "mask.png", chunk_size=1024, progress=False))
     assert set(shapes) == {(16 + 128, 256)}  # windows fitted along y (one chunk), the grid along x (three)
     meta = json.loads(res.paths["metadata"].read_text())
-    chunks = plan_chunks(3000, 16, 128, 1024, 512)
-    assert meta["windows"]["run"] == sum(len(plan(c.region[2], 16, (False, True))) for c in chunks)
+    chunks = plan_chunks(3000, 16, 128, 1024, 512, 16)
+    assert len(chunks) == 3 and meta["windows"]["run_now"] == meta["windows"]["run"]
+    # each window of the slide's grid runs once: those the chunks share come from the window cache
+    assert meta["windows"]["run"] == meta["windows"]["one_pass"] == len(plan(3000, 16, (False, True)))
+    assert meta["windows"]["cache"]["reused"] == sum(len(plan(c.region[2], 16, (False, True))) for c in chunks) \
+        - meta["windows"]["run"] > 0
 
 
 def test_cli_states_the_settings(tmp_path, tiny):

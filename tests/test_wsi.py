@@ -178,10 +178,12 @@ WINDOW = ("--input-shape", "192", "--output-shape", "128")
 
 # ---- chunking and merging ----------------------------------------------------------------------------------
 def test_chunk_grid_is_on_the_window_grid():
-    chunks = plan_chunks(1000, 700, 128, 300, 100)
+    chunks = plan_chunks(1000, 700, 128, 300, 100, 16)  # margin 100 -> 112 px (cells of 16)
     assert [c.core[:2] for c in chunks[:4]] == [(0, 0), (384, 0), (768, 0), (0, 384)]
-    assert all(c.ext[0] % 128 == 0 and c.ext[1] % 128 == 0 for c in chunks)
-    assert chunks[4].ext == (256, 256, 896, 700) and chunks[4].core == (384, 384, 768, 700)
+    assert all(c.net[0] % 128 == 0 and c.net[1] % 128 == 0 for c in chunks)  # the network on the window grid
+    assert chunks[4].core == (384, 384, 768, 700) and chunks[4].ext == (272, 272, 880, 700)  # post-processed
+    assert chunks[4].net == (256, 256, 896, 700) and chunks[4].region == (256, 256, 640, 444)
+    assert chunks[0].ext == (0, 0, 496, 496) and chunks[0].net == (0, 0, 512, 512)
     cover = np.zeros((700, 1000), int)
     for c in chunks:
         cover[c.core[1]:c.core[3], c.core[0]:c.core[2]] += 1
@@ -308,22 +310,29 @@ def test_interrupted_run_resumes_to_the_same_store(synth, oracle_run, tmp_path):
 
 # ---- the real network --------------------------------------------------------------------------------------
 def test_network_chunks_equal_one_pass(model_dir, tmp_path):
-    """A real (random) network through the Python API, post-processing in a worker process: chunked = one pass,
-    instance for instance."""
-    slide = write_synthetic_slide(tmp_path / "net.tif", 2300, 1700, seed=4, **SMALL)
+    """A real (random) network through the Python API, post-processing in a worker process, 4 x 3 chunks: chunked =
+    one pass, instance for instance, and each window of the slide's grid runs once (the chunks' shared windows
+    come from the window cache, in memory or, with no memory to spare, from files beside the store)."""
+    slide = write_synthetic_slide(tmp_path / "net.tif", 3300, 2600, seed=4, **SMALL)
     model = Cerberus.load(model_dir)
-    res = model.predict_wsi(slide, tmp_path / "out", chunk_size=128, margin_um=256, input_shape=192,
-                            output_shape=128, batch_size=1, postproc_workers=1, precision="fp32", progress=False)
-    got = instance_set(res.paths["store"])
     from cerberus_histo.infer.wsi import make_predictor
 
     ref, ref_cmap = one_pass(make_predictor(model, input_shape=192, output_shape=128, batch_size=1,
                                             precision="fp32"), slide)
-    # a random network may make an object larger than the margin: cut at chunk borders, dropped and reported
-    dropped = json.loads(res.paths["metadata"].read_text())["dropped_large_objects"]
-    assert len(got) > 20 and set(got) <= set(ref) and len(ref) - len(got) == dropped <= 1
-    assert cv2.imread(str(res.paths["tissue"]), cv2.IMREAD_UNCHANGED).tolist() == ref_cmap.tolist()
-    assert res.objects == len(got) and json.loads(res.paths["metadata"].read_text())["chunks"]["with_tissue"] > 1
+    for memory_gb, out in ((None, "out"), (0.1, "spilled")):  # 0.1 GB: nothing to spare beside a chunk
+        res = model.predict_wsi(slide, tmp_path / out, chunk_size=128, margin_um=1024, input_shape=192,
+                                output_shape=128, batch_size=1, postproc_workers=1, precision="fp32",
+                                progress=False, memory_gb=memory_gb)
+        got = instance_set(res.paths["store"])
+        meta = json.loads(res.paths["metadata"].read_text())
+        # a random network may make an object larger than the margin: cut at chunk borders, dropped and reported
+        assert len(got) > 20 and set(got) <= set(ref) and len(ref) - len(got) == meta["dropped_large_objects"] <= 1
+        assert cv2.imread(str(res.paths["tissue"]), cv2.IMREAD_UNCHANGED).tolist() == ref_cmap.tolist()
+        assert res.objects == len(got) and meta["chunks"]["total"] == 12 and meta["chunks"]["with_tissue"] >= 10
+        windows, cache = meta["windows"], meta["windows"]["cache"]
+        assert windows["run"] == windows["one_pass"] and cache["reused"] > 0
+        assert windows["run"] + cache["reused"] <= windows["in_tissue_chunks"]  # those with tissue, from either
+        assert (cache["spilled"] > 0) == (memory_gb is not None) and not list(tmp_path.glob(f"{out}/*.partial"))
 
 
 def _hovernet_shape(data: dict) -> dict:
@@ -505,7 +514,23 @@ def test_killed_process_resumes_to_the_same_store(model_dir, tmp_path):
     finally:
         proc.wait()
     assert partial.is_file() and not (out / "k.db").exists()
+    done = {row[0] for row in store_rows(partial, "cerberus_chunks")}
     again = run_cli("infer-wsi", *args, "--output", out)
     assert again.returncode == 0, again.stderr[-2000:]
     for table in ("annotations", "rtree"):
         assert store_rows(out / "k.db", table) == store_rows(tmp_path / "full" / "k.db", table)
+    # each window once in the full run; the resumed run recomputes at most the windows its chunks share with the
+    # chunks committed before the kill (the window cache it lost), and nothing more
+    full_windows = json.loads((tmp_path / "full" / "k_metadata.json").read_text())["windows"]
+    windows = json.loads((out / "k_metadata.json").read_text())["windows"]
+    assert full_windows["run"] == full_windows["one_pass"] == windows["one_pass"]
+    chunks = plan_chunks(375, 300, 128, 128, 64, 16)  # 3 x 3 chunks at 4 um/px, margin 256 um
+    assert len(chunks) == 9 and 0 < len(done) < 9
+
+    def crops(c):
+        return {(x, y) for x in range(c.net[0], c.net[2], 128) for y in range(c.net[1], c.net[3], 128)}
+
+    shared = set().union(*(crops(c) for c in chunks if c.index in done)) & set().union(
+        *(crops(c) for c in chunks if c.index not in done))
+    assert windows["one_pass"] <= windows["run"] <= windows["one_pass"] + len(shared)
+    assert not list(out.glob("*.partial"))

@@ -2,12 +2,14 @@
 :mod:`.wsi`).
 
 * **Global grid.** The slide, at the model's mpp, is cut into square *chunks* of ``chunk`` model pixels (a
-  multiple of the engine's output window ``output``), each predicted as its *extended* region: the chunk grown by
-  ``margin`` (``margin_um`` rounded up to a multiple of ``output``) on every side, clipped to the slide. Extended
-  regions start on multiples of ``output``, and the geometry does not shrink windows (``fit=False``), so every
-  window of every chunk is a window of one slide-wide grid: where two extended regions overlap they run the same
-  windows on the same pixels (:class:`~cerberus_histo.io.grid.GridReader` makes each model pixel depend only on
-  its global position), and get the same probabilities.
+  multiple of the engine's output window ``output``). A chunk is post-processed as its *extended* region: the chunk
+  grown by ``margin`` (``margin_um``, rounded up to a multiple of the tissue class maps' cell) on every side,
+  clipped to the slide. The network covers the extended region with windows of one slide-wide grid (output crops
+  at multiples of ``output``; the geometry does not shrink windows, ``fit=False``), its *network region*: where the
+  regions of two chunks overlap they hold the same windows on the same pixels
+  (:class:`~cerberus_histo.io.grid.GridReader` makes each model pixel depend only on its global position), and
+  each such window runs once: chunks run in raster order and a window a later chunk needs is kept for it
+  (:class:`~.window_cache.WindowCache`).
 * **Tissue.** Chunks and windows whose output crop (grown by ``TISSUE_PAD_UM``) holds no tissue in the mask are
   never run (:func:`tissue_chunks`, :func:`window_keeper`).
 * **Ownership** (:func:`own_chunk`, a worker's task: no torch). The extended region is post-processed as a tile.
@@ -38,31 +40,50 @@ TISSUE_PAD_UM = 32.0  # a window (chunk) runs when its output crop grown by this
 
 @dataclass(frozen=True)
 class Chunk:
-    """One chunk: ``core`` and ``ext`` (the core grown by the margin, clipped to the slide) as ``(x0, y0, x1,
-    y1)`` in model pixels of the slide."""
+    """One chunk, boxes ``(x0, y0, x1, y1)`` in model pixels of the slide: ``core`` (what it owns), ``ext`` (the
+    core grown by the margin, clipped to the slide: what is post-processed) and ``net`` (``ext`` grown to the
+    slide-wide window grid, clipped: what the network's windows cover)."""
 
     index: int
     core: tuple[int, int, int, int]
     ext: tuple[int, int, int, int]
+    net: tuple[int, int, int, int]
 
     @property
     def region(self) -> tuple[int, int, int, int]:
-        """The extended region as ``(x, y, width, height)``, as the engine takes it."""
-        x0, y0, x1, y1 = self.ext
+        """The network's region as ``(x, y, width, height)``, as the engine takes it."""
+        x0, y0, x1, y1 = self.net
         return x0, y0, x1 - x0, y1 - y0
 
 
-def plan_chunks(width: int, height: int, output: int, chunk: int, margin: int) -> list[Chunk]:
-    """Chunks of a ``width x height`` (model px) slide, row-major; ``chunk`` and ``margin`` are rounded up to
-    multiples of the window ``output`` (chunk >= one window, margin >= 0)."""
+def plan_chunks(width: int, height: int, output: int, chunk: int, margin: int, cell: int = 1) -> list[Chunk]:
+    """Chunks of a ``width x height`` (model px) slide, row-major: cores of ``chunk`` rounded up to a multiple of the
+    window ``output`` (at least one window), extended by ``margin`` rounded up to a multiple of ``cell`` (the
+    tissue class maps' cell), and their network regions on the window grid (multiples of ``output``)."""
     c = max(1, math.ceil(chunk / output)) * output
-    m = max(0, math.ceil(margin / output)) * output
+    m = max(0, math.ceil(margin / cell)) * cell
     out = []
     for y0 in range(0, height, c):
         for x0 in range(0, width, c):
             core = (x0, y0, min(x0 + c, width), min(y0 + c, height))
             ext = (max(x0 - m, 0), max(y0 - m, 0), min(x0 + c + m, width), min(y0 + c + m, height))
-            out.append(Chunk(len(out), core, ext))
+            net = (ext[0] // output * output, ext[1] // output * output, min(-(-ext[2] // output) * output, width),
+                   min(-(-ext[3] // output) * output, height))
+            out.append(Chunk(len(out), core, ext, net))
+    return out
+
+
+def ext_maps(chunk: Chunk, probs: dict[str, np.ndarray], cell: int, coarse: Sequence[str]) -> dict[str, np.ndarray]:
+    """The maps of ``chunk``'s network region cut to its extended region (views): dense maps by pixel, the
+    ``coarse`` ones (class heads: ``C x h x w``, one value per ``cell``) by cell; ``ext`` starts on the cell grid."""
+    nx0, ny0 = chunk.net[:2]
+    ex0, ey0, ex1, ey1 = (v - o for v, o in zip(chunk.ext, (nx0, ny0, nx0, ny0), strict=True))
+    out = {}
+    for name, p in probs.items():
+        if name in coarse:
+            out[name] = p[:, ey0 // cell:-(-ey1 // cell), ex0 // cell:-(-ex1 // cell)]
+        else:
+            out[name] = p[:, ey0:ey1, ex0:ex1]
     return out
 
 
@@ -208,5 +229,5 @@ def own_chunk(job: dict) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-__all__ = ["Chunk", "TISSUE_PAD_UM", "dense_channels", "mask_cells", "own_chunk", "plan_chunks", "planner",
+__all__ = ["Chunk", "TISSUE_PAD_UM", "dense_channels", "ext_maps", "mask_cells", "own_chunk", "plan_chunks", "planner",
            "read_box", "tissue_chunks", "window_keeper"]

@@ -28,6 +28,7 @@ from ..io.readers import Reader
 from .results import RegionPrediction
 from .runtime import PRECISIONS, autocast_dtype, plan_runtime, resolve_device
 from .tiling import Geometry, Tile, TilePlan, cell_count, cell_weights, plan_tiles
+from .window_cache import window_key
 
 #: the flips averaged by test-time augmentation: none, left-right, up-down, both (dims of N x C x H x W)
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
@@ -172,7 +173,7 @@ class Predictor:
     # ---- a region ------------------------------------------------------------------------------------
     def predict_region(self, reader: Reader, region: tuple[int, int, int, int] | None = None,
                        progress=None, keep: Callable[[Sequence[Tile]], Sequence[bool]] | None = None,
-                       fit: tuple[bool, bool] | None = None) -> RegionPrediction:
+                       fit: tuple[bool, bool] | None = None, cache=None) -> RegionPrediction:
         """Probabilities of ``region`` = (x, y, width, height) in model pixels (default: the whole image).
 
         ``progress``, if given, is called with the number of windows finished after each batch. ``keep``, if
@@ -180,6 +181,9 @@ class Predictor:
         slides skip the windows without tissue) and their output crops stay 0 in every map (no class has any
         probability there); nothing is read when no window is left. ``windows`` of the result counts the windows
         run. ``fit`` = (x, y) overrides the geometry's ``fit`` per axis (see :func:`~.tiling.plan_tiles`).
+        ``cache`` (a :class:`~.window_cache.WindowCache`; whole slides) gives the outputs of windows run before
+        for another region, stitched instead of run again (counted in ``reused``), and keeps the outputs of the
+        windows run here that it :meth:`~.window_cache.WindowCache.wants`.
         """
         timings = {"read": 0.0, "forward": 0.0, "stitch": 0.0}
         x, y, width, height = region or self.full_region(reader)
@@ -189,10 +193,16 @@ class Predictor:
         tiles = plan.tiles()
         if keep is not None:
             tiles = [t for t, k in zip(tiles, keep(tiles), strict=True) if k]
+        reused: list[Tile] = []
+        if cache is not None:  # windows another region ran: stitched below, not run
+            reused = [t for t in tiles if window_key((x, y), t.window, t.crop) in cache]
+            tiles = [t for t in tiles if window_key((x, y), t.window, t.crop) not in cache]
         t0 = time.perf_counter()
         rx0, ry0, rx1, ry1 = plan.read_box
         f = self.mpp / reader.mpp  # level-0 pixels per model pixel
-        if tiles:
+        if tiles:  # one read: the windows that run
+            rx0, ry0 = min(t.window[0] for t in tiles), min(t.window[1] for t in tiles)
+            rx1, ry1 = max(t.window[2] for t in tiles), max(t.window[3] for t in tiles)
             block = reader.read_region(((x + rx0) * f, (y + ry0) * f), (rx1 - rx0, ry1 - ry0), self.mpp)
         timings["read"] += time.perf_counter() - t0
 
@@ -226,6 +236,10 @@ class Predictor:
                 inside = self._inside(chunk, (x, y), extent, (wh, ww)) if self.class_heads else None
                 out = self._probs(batch, [t.crop_in_window for t in chunk], inside)
                 timings["forward"] += time.perf_counter() - t0
+                if cache is not None:
+                    for i, t in enumerate(chunk):
+                        if cache.wants(key := window_key((x, y), t.window, t.crop)):
+                            cache.put(key, {name: maps[i].numpy().copy() for name, maps in out.items()})
                 if pending is not None:
                     timings["stitch"] += pending.result()
                 pending = stitcher.submit(stitch, chunk, out)
@@ -233,9 +247,14 @@ class Predictor:
                     progress(len(chunk))
             if pending is not None:
                 timings["stitch"] += pending.result()
+        t0 = time.perf_counter()
+        for t in reused:
+            for name, p in cache.get(window_key((x, y), t.window, t.crop)).items():
+                self._stitch(probs[name], p, t, plan, name in self.class_heads)
+        timings["stitch"] += time.perf_counter() - t0
         for name in self.class_heads:
             probs[name] = probs[name].astype(self.prob_dtype, copy=False)
-        return RegionPrediction(probs, (x, y, width, height), self.mpp, self.cell, len(tiles), timings)
+        return RegionPrediction(probs, (x, y, width, height), self.mpp, self.cell, len(tiles), timings, len(reused))
 
     def _stitch(self, target: np.ndarray, p: np.ndarray, tile: Tile, plan: TilePlan, coarse: bool) -> None:
         if not coarse:

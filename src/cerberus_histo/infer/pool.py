@@ -166,7 +166,7 @@ def check_output(folder: Path) -> Path:
 #: a run key's entries as messages name them
 SETTING_NAMES = {"model": "model", "model_id": "model", "window": "window", "tta": "tta", "precision": "precision",
                  "mpp": "mpp", "processing_mpp": "mpp", "centroids_only": "centroids-only", "slide": "slide",
-                 "size": "slide", "chunks": "chunking", "chunk": "chunking", "margin_um": "margin-um", "mask": "mask",
+                 "size": "slide", "chunks": "chunking", "chunk": "chunking", "chunking": "chunking", "margin_um": "margin-um", "mask": "mask",
                  "heads": "heads"}
 
 

@@ -22,6 +22,7 @@ class RegionPrediction:
         mpp: the model's resolution (µm/px), the resolution of ``probs``.
         cell: model pixels per value of the ``class`` maps (the encoder's overall stride).
         windows: network windows run (test-time flips not counted).
+        reused: windows whose outputs came from a window cache (run before for another region), not run.
         timings: seconds spent reading (``read``), in the network incl. softmax and transfer (``forward``) and
             writing the crops into the maps (``stitch``, in a thread while the network runs the next batch).
     """
@@ -32,6 +33,7 @@ class RegionPrediction:
     cell: int
     windows: int
     timings: dict[str, float] = field(default_factory=dict)
+    reused: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -208,6 +208,12 @@ class Runtime:
             best = k
         return best * output
 
+    def spare_bytes(self, region_px: int, dense_channels: int) -> int:
+        """What the budget leaves beside the process, the batch and a chunk's network region of ``region_px``
+        model pixels: the share of the window cache (:class:`~.window_cache.WindowCache`) in memory."""
+        used = BASE_BYTES + self.weight_bytes + self.batch_bytes + region_px * self.chunk_bytes_per_px(dense_channels)
+        return max(0, self.memory_bytes - used)
+
     def max_window_pixels(self) -> int:
         """The largest window (in pixels) one forward pass may take: what the GPU's share holds, or on a CPU what
         the budget leaves after the process, with ~100 bytes per pixel for the region's maps and

@@ -27,6 +27,8 @@ DEFAULT_CHUNK = 4096  # model px, for a predictor without a runtime (and so with
 
 
 # ---- a finished slide: the settings that made it -----------------------------------------------------------
+#: how chunks are laid out and post-processed, in the run key: 2 = the margin on the cell grid, each window once
+CHUNKING = 2
 FINISHED = ("files", "summary", "counts")  # what the marker of a finished slide holds
 
 
@@ -89,7 +91,7 @@ class SlidePlan:
     ``scale``: level-0 px per model px; ``cell``: model px per tissue-class cell; ``size``: the slide in model px ``(width, height)``; ``mask`` at
     ``mask_mpp`` (``user_mask``: given by the user, so every record is clipped to ``region``, the mask in level-0
     pixels); ``chunks`` (all) and ``tissue`` (those run); ``fit``: whether one chunk covers the slide along x / y
-    (then windows are fitted to it as for tiles); ``chunk_px`` and ``margin_px`` as rounded to whole windows;
+    (then windows are fitted to it as for tiles); ``chunk_px`` as rounded to whole windows, ``margin_px`` (post-processed around each chunk) to whole cells;
     ``run``: the settings that key the run's partial store.
     """
 
@@ -151,19 +153,20 @@ def plan_slide(predictor, config, reader, options: RunOptions, mask: Path | None
     if mask is not None:
         w0, h0 = reader.dimensions
         region = shapely.clip_by_rect(mask_region(tmask, mask_mpp / slide_mpp), 0, 0, w0, h0)
-    margin_px = math.ceil(options.margin_um / predictor.mpp / out_side) * out_side
+    cell = int(predictor.cell)
+    margin_px = math.ceil(options.margin_um / predictor.mpp / cell) * cell  # post-processed around each chunk
     chunk_size, runtime = options.chunk_size, getattr(predictor, "runtime", None)
     if chunk_size is None and runtime is None:
         chunk_size = DEFAULT_CHUNK
-    elif chunk_size is None:
+    elif chunk_size is None:  # the network region: the margin on the window grid
         chunk_size = replace(runtime, postproc_workers=postproc_workers(predictor, options)).chunk_for(
-            width, height, out_side, margin_px, dense_channels(config, predictor.heads))
-    chunks = plan_chunks(width, height, out_side, chunk_size, margin_px)
+            width, height, out_side, math.ceil(margin_px / out_side) * out_side, dense_channels(config, predictor.heads))
+    chunks = plan_chunks(width, height, out_side, chunk_size, margin_px, cell)
     chunk_px = max(1, math.ceil(chunk_size / out_side)) * out_side  # as plan_chunks rounds them
     run = run_key(config, model_id, window=[geometry.input_shape, out_side], tta=getattr(predictor, "tta", False),
                   precision=getattr(predictor, "precision", ""), slide=name, size=list(reader.dimensions),
                   mpp=slide_mpp, processing_mpp=predictor.mpp, chunks=len(chunks), chunk=chunk_px,
-                  margin_um=options.margin_um, mask=hashlib.sha1(np.packbits(tmask).tobytes()).hexdigest(),
+                  margin_um=options.margin_um, chunking=CHUNKING, mask=hashlib.sha1(np.packbits(tmask).tobytes()).hexdigest(),
                   heads=list(config.head_names if heads is None else heads))
     return SlidePlan(slide_mpp, tuple(reader.dimensions), scale, int(predictor.cell), (width, height), tmask, mask_mpp, mask is not None,
                      region, chunks, tissue_chunks(chunks, tmask, mask_mpp, slide_mpp, scale),

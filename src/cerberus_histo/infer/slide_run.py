@@ -16,20 +16,31 @@ import os
 import sys
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .._version import __version__
 from ..errors import CerberusError
 from ..io.files import write_json
 from ..io.grid import GridReader
-from .chunks import TISSUE_PAD_UM, Chunk, mask_cells, own_chunk, planner, read_box, window_keeper
+from .chunks import (
+    TISSUE_PAD_UM,
+    Chunk,
+    dense_channels,
+    ext_maps,
+    mask_cells,
+    own_chunk,
+    planner,
+    read_box,
+    window_keeper,
+)
 from .options import RunOptions
 from .pool import WorkerPool, check_output, marker_path, read_marker, redone_line, write_marker
 from .slide_plan import SlideJob, SlidePlan, mask_for, plan_slide, postproc_workers, redo_reasons, slide_key
 
 RUN_KEY = "cerberus_run"  # the store's metadata key of a run's settings: a partial store of others is not resumed
 #: the keys of a slide run's timings (seconds per stage, then the device's share of the wall time)
+SPARE_BYTES = 512 * 2**20  # the window cache's memory for a predictor without a memory budget (no runtime)
 TIMING_KEYS = ("mask", "read", "infer", "forward", "postprocess", "write", "outputs", "total", "device_utilisation")
 
 
@@ -117,6 +128,8 @@ class SlideRun:
         self.key = slide_key(predictor, config, job.model_id, opts, job.slide.name, self.slide_mask, self.heads)
         self.timings = dict.fromkeys(TIMING_KEYS[:-2], 0.0)  # total and device_utilisation at the end
         self.store = None
+        self.cache = None
+        self.cache_stats: dict[str, int] = {}
         self.mask: Path | None = None
         self.done_before: set[int] = set()
 
@@ -183,7 +196,7 @@ class SlideRun:
         previous ones (:func:`~.chunks.own_chunk`) and this process commits each finished chunk to the store
         (:meth:`commit`); returns the windows run. Reading (``grid``'s threads), the network (here) and
         post-processing overlap; at most ``postproc_workers`` chunks wait for post-processing while the next one
-        is predicted."""
+        is predicted. Each window runs once: what a later chunk needs is kept for it (:meth:`window_cache`)."""
         from ..progress import progress_bar
 
         chunk_plan = planner(self.predictor)
@@ -191,6 +204,7 @@ class SlideRun:
         self.bar = progress_bar(total=total, initial=total - len(todo), unit="chunk", desc=self.job.stem,
                                 progress=self.opts.progress, leave=False)
         windows_run = 0
+        self.cache = self.window_cache(todo)
         try:
             with WorkerPool(postproc_workers(self.predictor, self.opts) if todo else 0, self.commit) as pool:
                 if todo:
@@ -198,6 +212,8 @@ class SlideRun:
                 for i, chunk in enumerate(todo):
                     if i + 1 < len(todo):
                         grid.prefetch(read_box(todo[i + 1], chunk_plan, plan.fit))
+                    if self.cache is not None:
+                        self.cache.start(i)
                     pred = self.predict_chunk(grid, plan, chunk)
                     grid.release(read_box(chunk, chunk_plan, plan.fit))
                     windows_run += pred.windows
@@ -206,24 +222,48 @@ class SlideRun:
                 pool.drain()
         finally:
             self.bar.close()
+            if self.cache is not None:
+                self.cache_stats = self.cache.stats()
+                self.cache.close()
         return windows_run
 
+    def window_cache(self, todo: list[Chunk]):
+        """The :class:`~.window_cache.WindowCache` of this run's chunks (None for a predictor that takes no
+        ``cache``, or one chunk): in memory what the budget leaves beside the largest chunk, the rest in
+        ``{stem}.windows.partial/`` beside the store."""
+        import inspect
+
+        from .window_cache import WindowCache
+
+        if len(todo) < 2 or "cache" not in inspect.signature(self.predictor.predict_region).parameters:
+            return None
+        runtime = getattr(self.predictor, "runtime", None)
+        budget = SPARE_BYTES
+        if runtime is not None:
+            largest = max(c.region[2] * c.region[3] for c in todo)
+            budget = replace(runtime, postproc_workers=postproc_workers(self.predictor, self.opts)).spare_bytes(
+                largest, dense_channels(self.config, self.heads))
+        return WindowCache(todo, budget, self.output / f"{self.job.stem}.windows.partial")
+
     def predict_chunk(self, grid: GridReader, plan: SlidePlan, chunk: Chunk):
-        """Stage 2: the network on ``chunk``'s extended region, on the windows that touch tissue."""
+        """Stage 2: the network on ``chunk``'s network region, on the windows that touch tissue and that no chunk
+        before it ran (those come from the window cache)."""
         predictor = self.predictor
-        keep = window_keeper(plan.mask, plan.mask_mpp, grid.mpp, plan.scale, chunk.ext[:2], predictor.geometry.margin,
+        keep = window_keeper(plan.mask, plan.mask_mpp, grid.mpp, plan.scale, chunk.net[:2], predictor.geometry.margin,
                              TISSUE_PAD_UM / grid.mpp)
-        pred = predictor.predict_region(grid, chunk.region, keep=keep, fit=plan.fit)
+        extra = {} if self.cache is None else {"cache": self.cache}
+        pred = predictor.predict_region(grid, chunk.region, keep=keep, fit=plan.fit, **extra)
         self.timings["infer"] += pred.timings.get("forward", 0.0) + pred.timings.get("stitch", 0.0)
         self.timings["forward"] += pred.timings.get("forward", 0.0)
         return pred
 
     def own_job(self, grid: GridReader, plan: SlidePlan, chunk: Chunk, pred) -> dict:
-        """Stage 3's work for a pool worker (:func:`~.chunks.own_chunk`): post-process ``pred`` and keep the
-        instances whose centroid is in ``chunk``, inside the user's mask."""
-        return {"chunk": chunk, "probs": pred.probs, "mpp": self.predictor.mpp, "cell": int(self.predictor.cell),
-                "size": plan.size, "slide_mpp": grid.mpp, "config": self.config, "heads": self.heads,
-                "region": plan.chunk_region(chunk)}
+        """Stage 3's work for a pool worker (:func:`~.chunks.own_chunk`): post-process ``pred`` on the chunk's
+        extended region and keep the instances whose centroid is in ``chunk``, inside the user's mask."""
+        coarse = {h for h in pred.probs if self.config.head(h)[1].kind == "class"}
+        return {"chunk": chunk, "probs": ext_maps(chunk, pred.probs, int(self.predictor.cell), coarse),
+                "mpp": self.predictor.mpp, "cell": int(self.predictor.cell), "size": plan.size,
+                "slide_mpp": grid.mpp, "config": self.config, "heads": self.heads, "region": plan.chunk_region(chunk)}
 
     def commit(self, windows: int, result: Future) -> None:
         """Stage 4: a chunk's records and its ledger row go to the store in one transaction, in chunk order."""
@@ -278,9 +318,9 @@ class SlideRun:
         """The contents of ``{stem}_metadata.json``."""
         predictor, opts = self.predictor, self.opts
         geometry, chunk_plan = predictor.geometry, planner(predictor)
-        windows = {"run": totals["windows"],
+        windows = {"run": totals["windows"], "one_pass": self.one_pass_windows(plan),
                    "in_tissue_chunks": sum(len(chunk_plan(c.region[2], c.region[3], plan.fit)) for c in plan.tissue),
-                   "run_now": windows_run}
+                   "run_now": windows_run, "cache": self.cache_stats}
         return {**(self.job.metadata or {}), "slide": str(self.job.slide), "stem": self.job.stem,
                 "level0_dimensions": list(plan.dimensions), "mpp": plan.slide_mpp,
                 "mpp_source": "--mpp" if opts.mpp is not None else "metadata", "processing_mpp": predictor.mpp,
@@ -294,6 +334,14 @@ class SlideRun:
                                 "mpp": plan.mask_mpp},
                 "counts": summary["counts"], "software": software_versions(),
                 "timings_s": {k: round(v, 4) for k, v in self.timings.items()}}
+
+    def one_pass_windows(self, plan: SlidePlan) -> int:
+        """The windows of one pass over the slide's tissue: those of the slide-wide grid that touch tissue (what
+        the chunks together would run if the slide were one chunk)."""
+        tiles = planner(self.predictor)(*plan.size, plan.fit).tiles()
+        keep = window_keeper(plan.mask, plan.mask_mpp, plan.slide_mpp, plan.scale, (0, 0),
+                             self.predictor.geometry.margin, TISSUE_PAD_UM / plan.slide_mpp)
+        return int(sum(keep(tiles))) if tiles else 0
 
     def close(self) -> None:
         """Close the partial store, if open (after a failure too: its committed chunks stay for the re-run)."""
