@@ -107,17 +107,34 @@ _IMPORT_DATASET_HELP = (
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(list(FORMATS)))
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--mpp", type=float, default=None, help="Override the dataset's resolution (microns per pixel).")
-def import_dataset_cmd(fmt: str, src: Path, dst: Path, mpp: float | None):
+@click.option("--mpp", type=float, default=None, help="Override the dataset's resolution (microns per pixel); "
+              "qupath: the resolution to write (default 0.5) and that of tiles without one in their metadata.")
+@click.option("--map", "maps", multiple=True, metavar="NAME=TASK:CLASS|FILE.yaml",
+              help="qupath: read QuPath class NAME as TASK:CLASS (TASK alone: untyped; 'skip': leave out; "
+                   "empty NAME: unclassified objects); repeatable, or a YAML file of them.")
+@click.option("--roi-class", default=None, help="qupath: class (glob) of the annotations marking the labelled "
+              "regions (default 'Region*').")
+@click.option("--whole-image", is_flag=True,
+              help="qupath: label the whole image where a file has no region annotation (slides: the box around "
+                   "their objects).")
+@click.option("--tile-size", type=int, default=None, help="qupath: largest tile side cut from slides (px at --mpp; "
+              "default 2048).")
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="qupath: model folder whose class names are the defaults (default: the original model's).")
+def import_dataset_cmd(fmt: str, src: Path, dst: Path, mpp: float | None, **options):
     """Convert a public dataset (FORMAT) at SRC into the common layout at DST, with splits and dataset.yaml
     (``--help`` lists the formats, from :data:`~cerberus_histo.data.formats.FORMATS`)."""
     from .data.formats import import_dataset
 
-    spec = import_dataset(fmt, src, dst, mpp=mpp)
+    spec = import_dataset(fmt, src, dst, mpp=mpp, **options)
     names = spec.names()
     mpps = sorted({spec.image_mpp(n) for n in names})
     where = f"{mpps[0]:g} um/px" if len(mpps) == 1 else f"{mpps[0]:g}-{mpps[-1]:g} um/px (per image: {spec.mpp_csv})"
     click.echo(f"imported {len(names)} images ({', '.join(spec.tasks)}) at {where} into {spec.root / 'dataset.yaml'}")
+    if fmt == "qupath":
+        from .data.formats.qupath import read_report
+
+        click.echo(read_report(dst).text())
 
 
 @main.command("extract-patches")
@@ -135,7 +152,9 @@ def extract_patches_cmd(config: Path, out_dir: Path, win_size: int, step_size: i
 
     r = extract_patches(config, out_dir, win_size, step_size, mode, mpp=mpp)
     click.echo(f"{r.patches} patches at {r.mpp:g} um/px from {r.images} images ({r.skipped_images} already done, "
-               f"{r.empty_windows} windows without tissue skipped) in {out_dir}")
+               f"{r.empty_windows} windows without tissue"
+               + (f" and {r.unlabelled_windows} outside the labelled regions" if r.unlabelled_windows else "")
+               + f" skipped) in {out_dir}")
 
 
 @main.command("evaluate")

@@ -6,6 +6,7 @@ A dataset folder (what the importers and the synthetic generator write)::
     images/NAME.png         # RGB tiles (or patches for patch classification)
     labels/TASK/NAME.npz    # per instance task: inst_map (H x W int32), id (N), class (N); or class_map (H x W)
     masks/NAME.png          # optional tissue mask (> 0 = tissue)
+    regions/NAME.png        # optional labelled region (> 0 = labelled; outside it no loss): partly annotated images
     splits.csv              # Filename,Split  (Split in 1..num_splits; <= 0 excludes the file)
     classes.csv             # patch classification only: Filename,Class (class name or index)
     mpps.csv                # optional: Filename,Mpp for images whose resolution differs from ``mpp``
@@ -18,6 +19,7 @@ A dataset folder (what the importers and the synthetic generator write)::
     image_dir: images
     image_ext: .png
     mask_dir: null
+    region_dir: null        # or regions: the labelled part of each image (a file per image that has one)
     split_csv: splits.csv
     mpp_csv: null           # or mpps.csv: per-image resolutions (MoNuSeg's XML gives one per image)
     num_splits: 3
@@ -125,6 +127,7 @@ class DatasetSpec:
     image_ext: str = ".png"
     mask_dir: str | None = None
     mask_ext: str = ".png"
+    region_dir: str | None = None
     split_csv: str = "splits.csv"
     mpp_csv: str | None = None
     num_splits: int = 3
@@ -157,6 +160,10 @@ class DatasetSpec:
 
     def mask_path(self, name: str) -> Path | None:
         return None if self.mask_dir is None else self.root / self.mask_dir / f"{name}{self.mask_ext}"
+
+    def region_path(self, name: str) -> Path | None:
+        """The labelled-region mask of ``name`` (``{region_dir}/{name}.png``), or None without a region folder."""
+        return None if self.region_dir is None else self.root / self.region_dir / f"{name}.png"
 
     def annotation(self, task: str) -> AnnotationSpec:
         for a in self.annotations:
@@ -263,6 +270,19 @@ class DatasetSpec:
             raise CerberusError(f"{path}: mask shape {mask.shape} differs from its image {shape}")
         return mask > 0
 
+    def read_region(self, name: str, shape: tuple[int, int]) -> np.ndarray | None:
+        """Boolean mask of the labelled pixels of ``name`` (only these carry a loss in training), or None when the
+        whole image is labelled (no region folder, or no region file for this image)."""
+        path = self.region_path(name)
+        if path is None or not path.is_file():
+            return None
+        region = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if region is None:
+            raise CerberusError(f"{path} is not a readable image (corrupt or not an image)")
+        if region.shape != shape:
+            raise CerberusError(f"{path}: labelled region shape {region.shape} differs from its image {shape}")
+        return region > 0
+
     def read_annotation(self, name: str, task: str, shape: tuple[int, int] | None = None) -> Annotation:
         """One image's labels, validated: shape equal to the image's, class ids within the declared classes."""
         ann = self.annotation(task)
@@ -328,7 +348,7 @@ def load_dataset(path: str | Path) -> DatasetSpec:
         raise CerberusError(f"{path}: dataset description not found")
     data = read_yaml_mapping(path)
     spec = from_dict(DatasetSpec, {**data, "root": path.parent}, f"{path}")
-    for label, rel in [("image_dir", spec.image_dir), ("mask_dir", spec.mask_dir)] + [
+    for label, rel in [("image_dir", spec.image_dir), ("mask_dir", spec.mask_dir), ("region_dir", spec.region_dir)] + [
             (f"annotations[{a.task}].dir", a.dir) for a in spec.annotations]:
         if rel is not None and not (spec.root / rel).is_dir():
             raise CerberusError(f"{path} {label}: folder {spec.root / rel} not found")

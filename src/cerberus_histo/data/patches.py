@@ -16,7 +16,11 @@ model's; by default the dataset's own ``mpp``), image by image since images may 
 sizes are in pixels at that resolution. Windows with no tissue-mask pixel are skipped. Each patch is one
 ``.npz`` (no pickle) holding ``image`` (uint8 H x W x 3) and, per task, ``{task}_inst`` and ``{task}_type``
 (int32 maps) or ``{task}_class_map``; patch-classification datasets give one patch per image with the scalar
-``{task}_class``. Output: ``OUT/{dataset}/split_{k}/{win}_{step}/{image}-{idx:04d}.npz``, ``OUT/{dataset}/
+``{task}_class``. An image with a labelled region (``regions/NAME.png``, :meth:`~cerberus_histo.data.dataset.
+DatasetSpec.read_region`: only part of it was annotated) adds ``labelled`` (uint8 H x W, 1 = labelled, brought
+to ``mpp`` and padded like the labels) to each of its patches, and its windows with no labelled pixel are
+skipped (``unlabelled_windows``); only labelled pixels carry a loss in training. Patches of fully labelled
+images have no ``labelled`` array. Output: ``OUT/{dataset}/split_{k}/{win}_{step}/{image}-{idx:04d}.npz``, ``OUT/{dataset}/
 patches.json`` (the resolution, window, step and mode, and the images' own resolutions) and a marker per
 finished image (``done/{image}.json`` beside its patches, :func:`~cerberus_histo.io.files.write_marker`), so a
 re-run skips finished images. A re-run with other settings into the same folder is an
@@ -84,7 +88,8 @@ class ExtractionReport:
     images: int = 0
     skipped_images: int = 0
     patches: int = 0
-    empty_windows: int = 0
+    empty_windows: int = 0       # no tissue-mask pixel
+    unlabelled_windows: int = 0  # tissue, but no pixel of the image's labelled region
 
 
 def _label_maps(spec: DatasetSpec, name: str, shape: tuple[int, int], to_shape: tuple[int, int]):
@@ -182,6 +187,9 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
         else:
             mask = resample_map(spec.read_mask(name, shape), to_shape)
             maps = {"image": image, "_mask": mask, **_label_maps(spec, name, shape, to_shape)}
+            region = spec.read_region(name, shape)
+            if region is not None:  # partly annotated: only these pixels are labelled
+                maps["labelled"] = resample_map(region, to_shape).astype(np.uint8)
             pads, origins = windows(to_shape, win_size, step_size, mode)
             if any(a or b for a, b in pads):
                 maps = {k: np.pad(v, pads + [(0, 0)] * (v.ndim - 2), mode="reflect") for k, v in maps.items()}
@@ -189,6 +197,9 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
                 crop = {k: v[y:y + win_size, x:x + win_size] for k, v in maps.items()}
                 if not crop.pop("_mask").any():
                     report.empty_windows += 1
+                    continue
+                if "labelled" in crop and not crop["labelled"].any():
+                    report.unlabelled_windows += 1
                     continue
                 fname = f"{name}-{idx:04d}.npz"
                 _save_npz(folder / fname, crop)

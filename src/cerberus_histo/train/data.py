@@ -3,9 +3,11 @@
 A :class:`PatchSet` is one dataset's patch files (``cerberus extract-patches`` output) labelling some heads
 of the model. Every sample carries a target for *every* head of the model, with ``has/{head}`` False and
 zeros where the dataset has no such labels, so samples of different datasets collate into one batch and
-the masked losses ignore what is missing. :class:`TrainingSet` joins the datasets in the order the
-:class:`~cerberus_histo.train.sampling.TaskBatchSampler` indexes them and takes ``(index, seed)`` keys, so
-each draw of a patch gets its own augmentation, reproducibly.
+the masked losses ignore what is missing. Every sample also carries ``labelled`` (float32 H x W, 1 where the
+pixel is labelled): the patch's own ``labelled`` map (images annotated only in part), augmented with the label
+maps, or all ones; the dense losses count only its pixels. :class:`TrainingSet` joins the datasets in the
+order the :class:`~cerberus_histo.train.sampling.TaskBatchSampler` indexes them and takes ``(index, seed)``
+keys, so each draw of a patch gets its own augmentation, reproducibly.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ..data.augment import Augmenter
 from ..data.patches import load_patch
 from ..data.targets import fix_mirror_padding, instance_target, separation_weight
 from ..errors import CerberusError
+
+_LABELLED = "_labelled"  # the labelled region among the augmented maps (no head has this name)
 
 
 def patch_files(folder: str | Path, splits: list[int] | None = None) -> list[Path]:
@@ -67,9 +71,14 @@ class PatchSet:
     def sample(self, index: int, seed: int = 0) -> dict[str, np.ndarray]:
         path = self.files[index]
         patch = load_patch(path)
-        image, maps = self.augment(patch["image"], self._maps(patch, path), seed=seed)
+        maps = self._maps(patch, path)
+        if "labelled" in patch:  # the labelled region moves with the labels (nearest, as a mask)
+            maps[_LABELLED] = patch["labelled"]
+        image, maps = self.augment(patch["image"], maps, seed=seed)
         out: dict[str, np.ndarray] = {"image": np.ascontiguousarray(image.transpose(2, 0, 1))}
         hw = image.shape[:2]
+        labelled = maps.pop(_LABELLED, None)
+        out["labelled"] = np.ones(hw, np.float32) if labelled is None else (labelled > 0).astype(np.float32)
         for name in self.config.head_names:
             task, head = self.config.head(name)
             has = name in self.heads

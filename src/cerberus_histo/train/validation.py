@@ -1,8 +1,10 @@
 """Validation statistics of a training run (NumPy; no torch): pixel Dice and PQ per instance head, type F1
 and tissue accuracy, accumulated over batches of softmax probabilities.
 
-Only samples that carry a head's labels count for it. Instances come from the same post-processing as
-inference (:func:`~cerberus_histo.postproc.postprocess`), so the PQ is the one users will see.
+Only samples that carry a head's labels count for it, and of a partly labelled sample (``labelled``: the labelled
+region of its dataset) only the labelled pixels: predictions and truth outside are left out of every statistic.
+Instances come from the same post-processing as inference (:func:`~cerberus_histo.postproc.postprocess`), so the PQ
+is the one users will see.
 """
 
 from __future__ import annotations
@@ -35,18 +37,28 @@ class ValidationStats:
             labelled = {h: p[i] for h, p in probs.items() if bool(batch[f"has/{h}"][i])}
             dense = {h: p for h, p in labelled.items() if p.ndim == 3}
             results = postprocess(dense, self.mpp) if any(h.endswith("-inst") for h in dense) else {}
+            region = None  # the labelled pixels of a partly labelled sample (None: all)
+            if "labelled" in batch and not np.asarray(batch["labelled"][i]).all():
+                region = np.asarray(batch["labelled"][i]) > 0.5
             for head, p in labelled.items():
                 task, spec = self.config.head(head)
                 target = np.asarray(batch[f"target/{head}"][i])
+                if region is not None and spec.kind != "class":
+                    target = np.where(region, target, 0)
                 if spec.kind == "class":
                     c = self.correct.setdefault(head, np.zeros(2))
                     c += (int(np.argmax(p)) == int(target), 1)
                 elif spec.kind == "inst":
                     pred_fg, true_fg = np.argmax(p, 0) > 0, target > 0
+                    if region is not None:
+                        pred_fg &= region
                     d = self.dice.setdefault(head, np.zeros(2))
                     d += (2 * np.count_nonzero(pred_fg & true_fg), np.count_nonzero(pred_fg) + np.count_nonzero(true_fg))
                     if task.name in results and f"inst/{head}" in batch:
-                        r = pq(np.asarray(batch[f"inst/{head}"][i]), results[task.name].inst_map)
+                        true_inst, pred_inst = np.asarray(batch[f"inst/{head}"][i]), results[task.name].inst_map
+                        if region is not None:
+                            true_inst, pred_inst = np.where(region, true_inst, 0), np.where(region, pred_inst, 0)
+                        r = pq(true_inst, pred_inst)
                         self.pq[head] = self.pq[head] + r if head in self.pq else r
                 else:  # type: per-pixel classes inside the true objects
                     k = p.shape[0]

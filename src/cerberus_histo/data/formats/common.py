@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CerberusError
+from ...io.files import write_png
 from ..dataset import (
     Annotation,
     AnnotationSpec,
@@ -19,11 +20,14 @@ from ..dataset import (
     write_splits,
 )
 
+REGION_DIR = "regions"
+
 
 class DatasetWriter:
     """Write samples into the common layout; ``finish()`` writes classes.csv, mpps.csv (when some image has
     its own resolution), splits.csv and, last, dataset.yaml, so an interrupted import never leaves a
-    complete-looking dataset.
+    complete-looking dataset. Images labelled only in part carry their labelled region (``regions/NAME.png``,
+    255 inside; ``finish()`` then sets ``region_dir``).
 
     Example:
         >>> w = DatasetWriter(dst, "glas", mpp=0.62, annotations=(AnnotationSpec("gland", ("inst", "type"),
@@ -43,11 +47,14 @@ class DatasetWriter:
         self.splits: dict[str, int] = {}
         self.classes: dict[str, str] = {}
         self.mpps: dict[str, float] = {}
+        self.regions = 0
 
     def add(self, name: str, image: np.ndarray, annotations: dict[str, Annotation] | None = None,
-            split: int = 1, image_class: str | None = None, mpp: float | None = None) -> None:
+            split: int = 1, image_class: str | None = None, mpp: float | None = None,
+            region: np.ndarray | None = None) -> None:
         """One image with its labels (validated against the annotation specs) and its split; ``mpp`` when
-        this image's resolution differs from the dataset's."""
+        this image's resolution differs from the dataset's; ``region`` (bool H x W) when only its pixels are
+        labelled (None: the whole image)."""
         if name in self.splits:
             raise CerberusError(f"two source images give the same name {name!r}; rename one of them")
         image = np.asarray(image)
@@ -57,6 +64,15 @@ class DatasetWriter:
             spec = self.spec.annotation(task)
             check_annotation(ann, spec, image.shape[:2], f"{name} ({task})")
             write_label(self.spec.label_path(name, task), ann)
+        if region is not None:
+            region = np.asarray(region)
+            if region.shape != image.shape[:2]:
+                raise CerberusError(f"image {name!r}: labelled region shape {region.shape} differs from its image "
+                                    f"{image.shape[:2]}")
+            write_png(self.spec.root / REGION_DIR / f"{name}.png", np.where(region, 255, 0).astype(np.uint8))
+            self.regions += 1
+        else:  # a region left by an earlier import into this folder would mark the image as partly labelled
+            (self.spec.root / REGION_DIR / f"{name}.png").unlink(missing_ok=True)
         if image_class is not None:
             self.classes[name] = image_class
         if mpp is not None and not math.isclose(float(mpp), float(self.spec.mpp), rel_tol=1e-9):
@@ -74,6 +90,8 @@ class DatasetWriter:
             rows = ["Filename,Mpp"] + [f"{n},{m:.6g}" for n, m in sorted(self.mpps.items())]
             atomic_write_bytes(self.spec.root / "mpps.csv", ("\n".join(rows) + "\n").encode())
             self.spec = dataclasses.replace(self.spec, mpp_csv="mpps.csv")
+        if self.regions:
+            self.spec = dataclasses.replace(self.spec, region_dir=REGION_DIR)
         write_splits(self.spec.root / self.spec.split_csv, self.splits)
         self.spec.save()
         return self.spec
