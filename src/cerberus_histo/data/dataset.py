@@ -263,12 +263,7 @@ class DatasetSpec:
             return np.ones(shape, bool)
         if not path.is_file():
             raise CerberusError(f"{path}: tissue mask missing for image {name!r}")
-        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise CerberusError(f"{path} is not a readable image (corrupt or not an image)")
-        if mask.shape != shape:
-            raise CerberusError(f"{path}: mask shape {mask.shape} differs from its image {shape}")
-        return mask > 0
+        return _read_binary(path, shape, "mask")
 
     def read_region(self, name: str, shape: tuple[int, int]) -> np.ndarray | None:
         """Boolean mask of the labelled pixels of ``name`` (only these carry a loss in training), or None when the
@@ -276,12 +271,7 @@ class DatasetSpec:
         path = self.region_path(name)
         if path is None or not path.is_file():
             return None
-        region = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if region is None:
-            raise CerberusError(f"{path} is not a readable image (corrupt or not an image)")
-        if region.shape != shape:
-            raise CerberusError(f"{path}: labelled region shape {region.shape} differs from its image {shape}")
-        return region > 0
+        return _read_binary(path, shape, "labelled region")
 
     def read_annotation(self, name: str, task: str, shape: tuple[int, int] | None = None) -> Annotation:
         """One image's labels, validated: shape equal to the image's, class ids within the declared classes."""
@@ -313,6 +303,16 @@ class DatasetSpec:
         path = self.root / "dataset.yaml"
         atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None).encode())
         return path
+
+
+def _read_binary(path: Path, shape: tuple[int, int], what: str) -> np.ndarray:
+    """A grey image of ``shape`` as a boolean mask (> 0); a corrupt file or another shape is a one-line error."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise CerberusError(f"{path} is not a readable image (corrupt or not an image)")
+    if mask.shape != shape:
+        raise CerberusError(f"{path}: {what} shape {mask.shape} differs from its image {shape}")
+    return mask > 0
 
 
 def _annotation_from_dict(d) -> AnnotationSpec:

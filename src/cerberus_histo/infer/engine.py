@@ -195,8 +195,10 @@ class Predictor:
             tiles = [t for t, k in zip(tiles, keep(tiles), strict=True) if k]
         reused: list[Tile] = []
         if cache is not None:  # windows another region ran: stitched below, not run
-            reused = [t for t in tiles if window_key((x, y), t.window, t.crop) in cache]
-            tiles = [t for t in tiles if window_key((x, y), t.window, t.crop) not in cache]
+            run: list[Tile] = []
+            for t in tiles:
+                (reused if window_key((x, y), t.window, t.crop) in cache else run).append(t)
+            tiles = run
         t0 = time.perf_counter()
         rx0, ry0, rx1, ry1 = plan.read_box
         f = self.mpp / reader.mpp  # level-0 pixels per model pixel

@@ -65,7 +65,7 @@ from tqdm import tqdm
 from ...config import ModelConfig
 from ...errors import CerberusError
 from ...io.files import read_yaml_mapping, write_json
-from ...io.readers import ArrayReader, check_mpp
+from ...io.readers import IMAGE_SUFFIXES, ArrayReader, check_mpp
 from ...io.slides import MppError, open_slide
 from ..dataset import Annotation, AnnotationSpec, DatasetSpec
 from .common import DatasetWriter
@@ -79,7 +79,6 @@ PAD = 16  # target px around a region's bounding box
 OUTSIDE = 0.05  # share of a feature's bounding box allowed outside the image
 NUM_SPLITS = 3
 REPORT_FILE = "qupath_import.json"
-TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 SHIFT = 4  # fixed-point bits of the vertices given to OpenCV
 
@@ -198,7 +197,7 @@ def find_pairs(src: Path, exclude: Path | None = None) -> tuple[list[tuple[Path,
                    and (skip is None or not p.resolve().is_relative_to(skip)))
     images: dict[Path, list[Path]] = {}
     for p in files:
-        if p.suffix.lower() in TILE_SUFFIXES + SLIDE_SUFFIXES:
+        if p.suffix.lower() in IMAGE_SUFFIXES + SLIDE_SUFFIXES:
             images.setdefault(p.parent, []).append(p)
     found: dict[Path, Path] = {}
     jsons = [p for p in files if p.suffix.lower() == ".geojson"] + [p for p in files if p.suffix.lower() == ".json"]
