@@ -28,7 +28,7 @@ def test_runs_take_at_most_five_parameters(function):
 BAD = {
     "mpp": (-1, "--mpp"), "tta": ("yes", "--tta"), "input_shape": (0, "--input-shape"),
     "output_shape": (1.5, "--output-shape"), "postproc_workers": (-1, "--postproc-workers"),
-    "centroids_only": ("no", "--centroids-only"), "formats": (("geojson", "pdf"), "--formats"),
+    "centroids_only": ("no", "--centroids-only"), "strict": ("yes", "--strict"), "formats": (("geojson", "pdf"), "--formats"),
     "chunk_size": (32, "--chunk-size"), "margin_um": (float("nan"), "--margin-um"), "mask": (3, "--mask"),
     "workers": (-2, "--workers"), "scheduler": ("", "--scheduler"), "progress": ("maybe", "progress="),
     "echo": ("stderr", "echo="),
@@ -60,6 +60,8 @@ def test_settings_a_run_does_not_use_are_refused(tmp_path):
     workers: such a setting is an error before any work, not silently ignored."""
     with pytest.raises(CerberusError, match=r"tile run .* --workers .* --postproc-workers"):
         infer_tiles(tmp_path / "model", tmp_path, tmp_path / "out", workers=2)
+    with pytest.raises(CerberusError, match=r"tile run .* --strict"):
+        infer_tiles(tmp_path / "model", tmp_path, tmp_path / "out", strict=True)
     with pytest.raises(CerberusError, match="one slide .* --scheduler"):
         predict_slide(None, None, tmp_path / "s.tif", tmp_path / "out", RunOptions(scheduler="tcp://head:8786"))
     assert not (tmp_path / "out").exists()

@@ -157,23 +157,6 @@ def test_cli_bad_task_flags(tmp_path, args, words):
     assert_clean_error(run_cli("train", *args, "--log-dir", tmp_path / "r"), *words)
 
 
-def test_cli_bad_data_and_config(data, tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert_clean_error(run_cli("train", "--nuclei-dir", empty, "--log-dir", tmp_path / "r"), "no patch files")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("batch_size: 4\nlearning_rate: 0.1\n")
-    assert_clean_error(run_cli("train", "--nuclei-dir", data["nuclei"], "--config", bad, "--log-dir",
-                               tmp_path / "r"), "learning_rate")
-    bad.write_text("batch_size: [4]\n")
-    assert_clean_error(run_cli("train", "--nuclei-dir", data["nuclei"], "--config", bad, "--log-dir",
-                               tmp_path / "r"), "batch_size")
-    assert_clean_error(run_cli("train", "--nuclei-dir", data["nuclei"], "--fold", "7", "--log-dir", tmp_path / "r"),
-                       "split_7")
-    assert_clean_error(run_cli("train", "--nuclei-dir", data["nuclei"], "--resume", "--log-dir", tmp_path / "r"),
-                       "last.ckpt")
-
-
 @pytest.mark.slow
 def test_tiny_model_overfits_nuclei(tmp_path, monkeypatch):
     """It really learns: a tiny model trained on four nuclei patches segments them with PQ > 0.8."""

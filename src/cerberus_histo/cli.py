@@ -32,6 +32,13 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:  # a full disk that no writer named: still one line, not a traceback
+            from .io.files import no_space_error
+
+            if (full := no_space_error(exc)) is None:
+                raise
+            click.echo(f"error: {full}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -175,8 +182,10 @@ def evaluate_cmd(task, pred_dir, true_dir, split, json_path, mpp, radius_um, num
     tissue accuracy; prints a table and writes JSON."""
     from .metrics.evaluate import evaluate, table, write_json
 
-    result = evaluate(task, pred_dir, true_dir, mpp=mpp, radius_um=radius_um, num_classes=num_classes, split=split)
     out = json_path or Path(pred_dir) / f"evaluation_{task}.json"
+    if out.is_dir():  # refused before scoring, not after
+        raise CerberusError(f"--json {out} is a folder; give a file path (e.g. {out / f'evaluation_{task}.json'})")
+    result = evaluate(task, pred_dir, true_dir, mpp=mpp, radius_um=radius_um, num_classes=num_classes, split=split)
     write_json(result, out)
     click.echo(table(result))
     click.echo(f"written {out}")
@@ -420,7 +429,8 @@ def infer_tile_cmd(model_dir, input_path, output, formats, mask, old_workers, **
                f"{s.output}" + (f"\ntime per stage: {stages}" if stages else ""))
     if s.failed:
         total = len(s.done) + len(s.skipped) + len(s.failed)
-        raise CerberusError(f"{len(s.failed)} of {total} images failed ({', '.join(s.failed)}); "
+        why = f": {next(iter(s.failed.values()))}" if len(s.failed) == 1 else ""  # one failure: its reason here
+        raise CerberusError(f"{len(s.failed)} of {total} images failed ({', '.join(s.failed)}){why}; "
                             "fix or remove them and run again (finished images are skipped)")
 
 
@@ -440,22 +450,36 @@ def infer_tile_cmd(model_dir, input_path, output, formats, mask, old_workers, **
                    "available memory if less; on a GPU machine half the available). More = larger chunks = faster.")
 @click.option("--margin-um", type=float, default=256.0, show_default=True,
               help="Context around each chunk (um); must exceed the largest gland's reach from its centre.")
-def infer_wsi_cmd(model_dir, inputs, output, mask, workers, scheduler, chunk_size, memory_gb, margin_um, **params):
+@click.option("--strict", is_flag=True,
+              help="A region of a slide that stays unreadable after a retry fails the slide (default: the region is "
+                   "filled white and recorded, the rest of the slide is done, and the exit code is 3).")
+def infer_wsi_cmd(model_dir, inputs, output, mask, workers, scheduler, chunk_size, memory_gb, margin_um, strict,
+                  **params):
     """Segment and classify glands, lumina, nuclei and tissue in whole slides, chunk by chunk; re-runs resume
-    unfinished slides, skip those finished with the same settings and redo the others (see docs/wsi.md)."""
+    unfinished slides, skip those finished with the same settings and redo the others (see docs/wsi.md).
+
+    Exit code: 0 when every slide is done, 2 when one failed, 3 when none failed but one completed with
+    unreadable regions (docs/reliability.md)."""
     from .infer.cohort import infer_wsi
 
     opts = _run_settings(params, chunk_size=chunk_size, memory_gb=memory_gb, margin_um=margin_um, mask=mask,
-                         workers=workers, scheduler=scheduler)
+                         workers=workers, scheduler=scheduler, strict=strict)
     s = infer_wsi(model_dir, inputs, output, opts)
     click.echo(s.table())
     done = sum(r.status == "done" for r in s.rows)
     skipped = sum(r.status == "skipped" for r in s.rows)
-    click.echo(f"{done} slides done, {skipped} already done, {len(s.failed)} failed; results in {s.output}")
+    partly = f"{len(s.unreadable)} completed with unreadable regions, " if s.unreadable else ""
+    click.echo(f"{done} slides done, {skipped} already done, {partly}{len(s.failed)} failed; results in {s.output}")
     if s.failed:
         names = ", ".join(r.slide for r in s.failed[:5]) + (", ..." if len(s.failed) > 5 else "")
-        raise CerberusError(f"{len(s.failed)} of {len(s.rows)} slides failed ({names}); see the table above, fix "
+        why = f": {s.failed[0].reason}" if len(s.failed) == 1 else ""  # one failure: its reason on this line too
+        raise CerberusError(f"{len(s.failed)} of {len(s.rows)} slides failed ({names}){why}; see the table above, fix "
                             "them and run again (finished slides are skipped)")
+    if s.unreadable:
+        names = ", ".join(r.slide for r in s.unreadable[:5]) + (", ..." if len(s.unreadable) > 5 else "")
+        click.echo(f"error: {len(s.unreadable)} of {len(s.rows)} slides completed with unreadable regions ({names}); "
+                   "their level-0 boxes are in each slide's metadata and summary; copy the slides again", err=True)
+        sys.exit(3)
 
 
 @main.command("view")

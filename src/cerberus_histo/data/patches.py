@@ -21,9 +21,9 @@ DatasetSpec.read_region`: only part of it was annotated) adds ``labelled`` (uint
 to ``mpp`` and padded like the labels) to each of its patches, and its windows with no labelled pixel are
 skipped (``unlabelled_windows``); only labelled pixels carry a loss in training. Patches of fully labelled
 images have no ``labelled`` array. Output: ``OUT/{dataset}/split_{k}/{win}_{step}/{image}-{idx:04d}.npz``, ``OUT/{dataset}/
-patches.json`` (the resolution, window, step and mode, and the images' own resolutions) and a marker per
-finished image (``done/{image}.json`` beside its patches, :func:`~cerberus_histo.io.files.write_marker`), so a
-re-run skips finished images. A re-run with other settings into the same folder is an
+patches.json`` (the resolution, window, step and mode, the images' own resolutions, and ``complete``, true once
+every image is done) and a marker per finished image (``done/{image}.json`` beside its patches,
+:func:`~cerberus_histo.io.files.write_marker`), so a re-run (after a full disk, too) skips finished images. A re-run with other settings into the same folder is an
 error rather than a mix of two patch sets. Reflect padding can duplicate an instance; the targets fix that at
 training time (:func:`cerberus_histo.data.targets.fix_mirror_padding`).
 """
@@ -128,14 +128,15 @@ def read_meta(folder: str | Path) -> dict | None:
 
 
 def _check_meta(folder: Path, meta: dict) -> None:
-    """Write ``patches.json``, or check that an earlier extraction into ``folder`` used the same settings."""
+    """Write ``patches.json`` (``complete`` false until every image is done), or check that an earlier extraction
+    into ``folder`` used the same settings."""
     old = read_meta(folder)
     keys = ("mpp", "win_size", "step_size", "mode")
     if old is None:
         if any(folder.rglob("*.npz")):
             raise CerberusError(f"{folder} holds patches of unknown settings (no {META_FILE}); choose another --out "
                                 "or remove that folder")
-        atomic_write_bytes(folder / META_FILE, json_text(meta, indent=2).encode())
+        atomic_write_bytes(folder / META_FILE, json_text({**meta, "complete": False}, indent=2).encode())
     elif any(old.get(k) != meta[k] and not (k == "mpp" and same_mpp(old[k], meta[k])) for k in keys):
         was = ", ".join(f"{k} {old.get(k)}" for k in keys)
         now = ", ".join(f"{k} {meta[k]}" for k in keys)
@@ -147,6 +148,10 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
                     mode: str = "valid", progress: bool = True, mpp: float | None = None) -> ExtractionReport:
     """Extract the patches of every image listed in the dataset's split CSV at resolution ``mpp`` (default:
     the dataset's ``mpp``); see the module docstring."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise CerberusError(f"--out {out} exists and is not a folder; choose a folder path")
+    if win_size < 1:
+        raise CerberusError(f"--win-size must be a positive number of pixels (e.g. 996), got {win_size}")
     spec = load_dataset(config)
     names = spec.check_files()
     splits = spec.splits()
@@ -208,6 +213,8 @@ def extract_patches(config: str | Path, out: str | Path, win_size: int = 996, st
         report.patches += len(written)
         write_marker(folder, name, {"settings": settings, "patches": written, "image_mpp": image_mpps[name],
                                     "mpp": to_mpp})  # last, atomically: the image is finished
+    if read_meta(out).get("complete") is not True:  # every image is done: the patch set is complete
+        atomic_write_bytes(out / META_FILE, json_text({**read_meta(out), "complete": True}, indent=2).encode())
     return report
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CerberusError
+from ..io.files import NoSpaceError
+from ..io.locks import held_by
 from .options import RunOptions
 from .pool import NO_GUARD, check_output, one_line, output_stems, read_marker, redone_line, spawn_safe
 
@@ -42,7 +44,9 @@ class CohortRun:
 
 @dataclass
 class SlideStatus:
-    """One slide's outcome: ``status`` is ``done``, ``skipped`` (finished before) or ``failed`` (``reason``)."""
+    """One slide's outcome: ``status`` is ``done``, ``skipped`` (finished before), ``failed`` (``reason``) or
+    ``unreadable``: completed with unreadable regions (now or before; ``reason`` says how many and where they are
+    listed)."""
 
     slide: str
     status: str
@@ -59,6 +63,11 @@ class CohortSummary:
     @property
     def failed(self) -> list[SlideStatus]:
         return [r for r in self.rows if r.status == "failed"]
+
+    @property
+    def unreadable(self) -> list[SlideStatus]:
+        """The slides completed with unreadable regions."""
+        return [r for r in self.rows if r.status == "unreadable"]
 
     def table(self) -> str:
         """The per-slide status table: slide, status, objects, seconds, reason."""
@@ -130,8 +139,11 @@ def _predictor(run: CohortRun, device: str):
 
 
 def run_slide(path: str | Path, stem: str, run: CohortRun, said: bool = False) -> SlideStatus:
-    """Predict one slide (what a worker runs); any failure becomes a ``failed`` status with a one-line reason.
-    ``said``: the cohort has said that the slide is redone with other settings (the slide does not say it again)."""
+    """Predict one slide (what a worker runs); any failure becomes a ``failed`` status with a one-line reason,
+    except a write that found no room: that :class:`~cerberus_histo.io.files.NoSpaceError` is raised (it names the
+    file; the committed chunks stay for the re-run). ``said``: the cohort has said that the slide is redone with
+    other settings (the slide does not say it again)."""
+    from ..io.files import no_space_error
     from .wsi import SlideJob, predict_slide
 
     t0 = time.perf_counter()
@@ -142,8 +154,21 @@ def run_slide(path: str | Path, stem: str, run: CohortRun, said: bool = False) -
                                                         "runtime": predictor.runtime.line()}, redo_line=not said)
         res = predict_slide(predictor, config, job, run.output, run.options)
     except Exception as exc:  # one slide's failure must not stop the others
+        if (full := no_space_error(exc, default=run.output)) is not None:
+            raise full from None  # but a full disk stops the run: every other slide would fail the same way
         return SlideStatus(path.name, "failed", 0, time.perf_counter() - t0, one_line(exc))
+    if res.unreadable:
+        return unreadable_status(path.name, res.objects, time.perf_counter() - t0, res.unreadable, res.skipped, stem)
     return SlideStatus(path.name, "skipped" if res.skipped else "done", res.objects, time.perf_counter() - t0)
+
+
+def unreadable_status(name: str, objects: int, seconds: float, boxes: list, before: bool, stem: str) -> SlideStatus:
+    """The status of a slide completed with the unreadable level-0 ``boxes`` (``before``: by an earlier run)."""
+    x, y, w, h = boxes[0]
+    return SlideStatus(name, "unreadable", objects, seconds,
+                       f"completed{' before' if before else ''} with {len(boxes)} unreadable region"
+                       f"{'s' if len(boxes) > 1 else ''} (first at level 0 x={x} y={y} {w}x{h} px; all in "
+                       f"{stem}_metadata.json); copy the slide again and delete done/{stem}.json to redo it")
 
 
 def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, output: str | Path,
@@ -159,7 +184,10 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
     after the slides (``{stem}.png``); ``echo`` takes the run's lines (default: stderr). Problems with the options,
     the model or the output folder raise a one-line :class:`CerberusError` before any slide; per-slide problems
     are rows of the summary. Settings left ``None``/``auto`` are chosen for the machine (:mod:`.runtime`; on a
-    LocalCluster the cores are shared between the workers) and stated in the first line of the log.
+    LocalCluster the cores are shared between the workers) and stated in the first line of the log. Runs here
+    leave a slide that another run on ``output`` holds (:func:`~cerberus_histo.io.locks.held_by`) for last, then
+    wait for it (:func:`~.wsi.predict_slide`; skipped once that run finished it): two runs into one folder share
+    the slides.
     """
     if options is not None and settings:
         raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
@@ -209,7 +237,11 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
         changed = _redo_reasons(done, built, slide_opts, p, stems[p], precision)
         if changed == []:
             counts = done.get("counts") if isinstance(done.get("counts"), dict) else {}
-            rows[p] = SlideStatus(p.name, "skipped", int(sum(v for k, v in counts.items() if k != "tissue")))
+            objects = int(sum(v for k, v in counts.items() if k != "tissue"))
+            summary_before = done.get("summary")
+            boxes = summary_before.get("unreadable_regions") if isinstance(summary_before, dict) else None
+            rows[p] = unreadable_status(p.name, objects, 0.0, boxes, True, stems[p]) if boxes else \
+                SlideStatus(p.name, "skipped", objects)
             continue
         todo.append(p)
         if changed:
@@ -229,7 +261,14 @@ def infer_wsi(model_dir: str | Path, inputs: Sequence[str | Path] | str | Path, 
         if todo and remote:
             _run_dask(todo, stems, run, workers, scheduler, record, set(redo))
         else:
+            later = []  # slides another run on this output folder holds: done last, predict_slide waits for them
             for p in todo:
+                if (holder := held_by(output, stems[p])) is not None:
+                    echo(f"{p.name} is held by another run ({holder}); doing the others first")
+                    later.append(p)
+                    continue
+                record(p, run_slide(p, stems[p], run, said=p in redo))
+            for p in later:  # skipped once the other run has finished it
                 record(p, run_slide(p, stems[p], run, said=p in redo))
     finally:
         bar.close()
@@ -276,9 +315,20 @@ def _redo_reasons(done: dict | None, built: tuple, options: RunOptions, path: Pa
 def _run_dask(slides: list[Path], stems: dict, run: CohortRun, workers: int, scheduler: str | None,
               record: Callable[[Path, SlideStatus], None], said: set[Path] = frozenset()) -> None:
     """One slide per Dask task, on a LocalCluster of ``workers`` processes or the cluster at ``scheduler``
-    (``said``: the slides whose redoing was said here)."""
+    (``said``: the slides whose redoing was said here).
+
+    At most one slide per worker thread is on the cluster at a time (the next is submitted when one ends, or when
+    a worker joins or comes back, looked at every 2 s): the scheduler charges a worker's death to every task it
+    holds, so a slide waiting behind one that kills its worker would be charged too. A slide whose worker dies
+    (killed, out of memory) is rescheduled by the scheduler and resumes from its partial store; after
+    ``distributed.scheduler.allowed-failures`` + 1 deaths (3 + 1 by default, set on the scheduler) it is failed
+    with that reason. Each result is taken as soon as its slide ends (a result lives on its worker until then, and
+    is recomputed if that worker dies first). Exceptions are ``run_slide``'s to report, so Dask does not retry
+    tasks (``retries=0``); a full disk (:class:`~cerberus_histo.io.files.NoSpaceError`) stops the run."""
+    import queue
+
     import dask
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, KilledWorker, LocalCluster
 
     cluster = None
     try:
@@ -295,19 +345,41 @@ def _run_dask(slides: list[Path], stems: dict, run: CohortRun, workers: int, sch
                                        dashboard_address=None, silence_logs=40)
             client = Client(cluster)
         with client:
-            futures = {client.submit(run_slide, str(p), stems[p], run, said=p in said, pure=False, retries=0,
-                                     key=f"slide-{i}-{stems[p]}"): p
-                       for i, p in enumerate(slides)}
-            for fut in as_completed(futures):
-                p = futures[fut]
+            waiting, futures, ended = list(enumerate(slides)), {}, queue.Queue()
+
+            def submit() -> None:  # fill the cluster's threads (at least one slide in flight)
+                while waiting and len(futures) < max(1, sum(client.nthreads().values())):
+                    i, p = waiting.pop(0)
+                    fut = client.submit(run_slide, str(p), stems[p], run, said=p in said, pure=False, retries=0,
+                                        key=f"slide-{i}-{stems[p]}")
+                    futures[fut] = p
+                    fut.add_done_callback(ended.put)  # taken at once: a result lives on its worker until then
+
+            while waiting or futures:
+                submit()
+                try:
+                    fut = ended.get(timeout=2.0)
+                except queue.Empty:  # look again: a worker may have joined or come back
+                    continue
+                p = futures.pop(fut)
                 try:
                     status = fut.result()
-                except Exception as exc:  # the worker died (out of memory, killed) while on this slide
-                    status = SlideStatus(p.name, "failed", 0, 0.0, f"worker lost: {one_line(exc)}")
+                except KilledWorker as exc:  # its workers died while on it, allowed-failures + 1 times
+                    last = exc.last_worker
+                    worker = last.address if last.name in (None, last.address) else f"{last.name} ({last.address})"
+                    status = SlideStatus(p.name, "failed", 0, 0.0, (
+                        f"its Dask worker died {exc.allowed_failures + 1} times while on this slide (out of memory? "
+                        f"see the log of worker {worker}, the last; lower --memory-gb or give the workers more "
+                        "memory); the next run resumes its committed chunks"))
+                except NoSpaceError:  # a full disk stops the run, as it does in this process
+                    raise
+                except Exception as exc:  # the task could not run (e.g. the package missing on a worker)
+                    status = SlideStatus(p.name, "failed", 0, 0.0, f"the Dask task failed: {one_line(exc)}")
                 record(p, status)
     finally:
         if cluster is not None:
             cluster.close()
 
 
-__all__ = ["CohortSummary", "SLIDE_SUFFIXES", "SlideStatus", "CohortRun", "expand_inputs", "infer_wsi", "run_slide"]
+__all__ = ["CohortSummary", "SLIDE_SUFFIXES", "SlideStatus", "CohortRun", "expand_inputs", "infer_wsi", "run_slide",
+           "unreadable_status"]

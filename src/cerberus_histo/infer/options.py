@@ -22,8 +22,9 @@ MIN_CHUNK = 64  # model px: a chunk smaller than this is all margin
 #: the settings that only some runs use, and what they are (a run given one it does not use is an error)
 _ONLY_IN = {"workers": "--workers (the Dask worker processes of infer-wsi; post-processing processes are "
                        "--postproc-workers)",
-            "scheduler": "--scheduler (the Dask scheduler of infer-wsi)"}
-_UNUSED = {"tiles": ("workers", "scheduler"), "slide": ("workers", "scheduler"), "cohort": ()}
+            "scheduler": "--scheduler (the Dask scheduler of infer-wsi)",
+            "strict": "--strict (unreadable regions of a slide fail it; infer-wsi)"}
+_UNUSED = {"tiles": ("workers", "scheduler", "strict"), "slide": ("workers", "scheduler"), "cohort": ()}
 
 
 def _count(value, least: int) -> bool:
@@ -53,6 +54,8 @@ class RunOptions:
         workers: many slides (:func:`~.cohort.infer_wsi`): a Dask LocalCluster of that many worker processes, one
             slide each at a time (0: slides run one after another in this process).
         scheduler: many slides: the address of a running Dask scheduler (``tcp://host:8786``); not with ``workers``.
+        strict: slide runs: a region of the slide that stays unreadable after a retry fails the slide (default: it
+            is filled white and recorded, and the rest of the slide is done; docs/reliability.md).
         progress: show progress bars (on stderr, and only when it is a terminal: :mod:`cerberus_histo.progress`).
         echo: where the run's lines go (settings, redone results, failures); None: stderr, above the progress
             bars (:func:`~.pool.echo`). Not compared, and not sent to Dask workers.
@@ -78,6 +81,7 @@ class RunOptions:
     mask: Path | None = None
     workers: int = 0
     scheduler: str | None = None
+    strict: bool = False
     progress: bool = True
     echo: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
@@ -95,7 +99,7 @@ class RunOptions:
         except (CerberusError, TypeError) as exc:
             fail(f"--formats: {exc}" if isinstance(exc, CerberusError) else
                  f"--formats must be names of output formats (e.g. geojson,npz), got {self.formats!r}")
-        for name in ("tta", "centroids_only", "progress"):
+        for name in ("tta", "centroids_only", "strict", "progress"):
             v = True if name == "progress" and self.progress is None else getattr(self, name)  # None: shown
             if v not in (True, False):
                 option = "progress=" if name == "progress" else f"--{name.replace('_', '-')}"

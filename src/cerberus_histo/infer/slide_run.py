@@ -39,6 +39,7 @@ from .pool import WorkerPool, check_output, marker_path, read_marker, redone_lin
 from .slide_plan import SlideJob, SlidePlan, mask_for, plan_slide, postproc_workers, redo_reasons, slide_key
 
 RUN_KEY = "cerberus_run"  # the store's metadata key of a run's settings: a partial store of others is not resumed
+UNREADABLE = "unreadable_regions"  # the store's metadata key of the slide's unreadable level-0 boxes
 #: the keys of a slide run's timings (seconds per stage, then the device's share of the wall time)
 SPARE_BYTES = 512 * 2**20  # the window cache's memory for a predictor without a memory budget (no runtime)
 TIMING_KEYS = ("mask", "read", "infer", "forward", "postprocess", "write", "outputs", "total", "device_utilisation")
@@ -61,6 +62,9 @@ class WSIResult:
             time the network ran. A slide finished before (``skipped``) gives the timings recorded then (from its
             marker, else its metadata file; NaN where neither has them), with the same keys.
         skipped: True when the slide was finished before and nothing was done.
+
+    ``unreadable`` lists the level-0 boxes ``(x, y, w, h)`` of the slide that stayed unreadable after a retry
+    (filled white and recorded: the slide completed with unreadable regions).
     """
 
     slide: Path
@@ -73,6 +77,21 @@ class WSIResult:
     @property
     def objects(self) -> int:
         return int(sum(v for k, v in self.counts.items() if k != "tissue"))
+
+    @property
+    def unreadable(self) -> list[list[int]]:
+        return list(self.summary.get(UNREADABLE, []))
+
+
+def merge_boxes(*lists) -> list[list[int]]:
+    """Level-0 boxes of several lists, each once, in the order met."""
+    out: list[list[int]] = []
+    for boxes in lists:
+        for box in boxes:
+            box = [int(v) for v in box]
+            if box not in out:
+                out.append(box)
+    return out
 
 
 def output_paths(output: Path, stem: str) -> dict[str, Path]:
@@ -132,6 +151,8 @@ class SlideRun:
         self.cache_stats: dict[str, int] = {}
         self.mask: Path | None = None
         self.done_before: set[int] = set()
+        self.reader = None
+        self.unreadable: list[list[int]] = []  # level-0 boxes recorded in the store (this run's and a killed one's)
 
     def slide_mask(self) -> Path | None:
         """The user's mask file of this slide (None: computed), found once the slide is opened."""
@@ -161,6 +182,7 @@ class SlideRun:
         from ..io.tissue import save_mask
 
         t0 = time.perf_counter()
+        self.reader = reader
         self.mask = self.slide_mask()
         plan = plan_slide(self.predictor, self.config, reader, self.opts, self.mask, self.job.model_id,
                           self.job.slide.name, self.echo, self.heads)
@@ -183,6 +205,7 @@ class SlideRun:
                 "trusted_heads": list(self.heads), RUN_KEY: plan.run}
         self.store = open_run_store(self.paths["store"], self.output / f"{stem}.db.partial", meta, RUN_KEY, self.echo)
         self.done_before = self.store.chunks_done()
+        self.record_unreadable(self.store.metadata.get(UNREADABLE, []))
         todo = [c for c in plan.tissue if c.index not in self.done_before]
         chunk_plan = planner(predictor)
         self.echo(f"{stem}: {plan.size[0]} x {plan.size[1]} model px, {len(plan.tissue)} of {len(plan.chunks)} chunks "
@@ -274,11 +297,27 @@ class SlideRun:
         entry = ChunkEntry(res["index"], sum(len(r) for r in res["records"].values()), res["dropped"], windows,
                            res["cells"], res["cell_origin"])
         self.store.append(res["records"], chunk=entry)
+        self.record_unreadable()
         self.timings["write"] += time.perf_counter() - t1
         self.timings["postprocess"] += res["seconds"]
         self.bar.update()
         if self.job.on_commit is not None:
             self.job.on_commit(res["index"])
+
+    def record_unreadable(self, before=()) -> None:
+        """Add the regions the reader could not read (and ``before``, those of a killed run) to the store's
+        metadata, each with one warning line: a resumed run reports them too."""
+        boxes = merge_boxes(self.unreadable, before, getattr(self.reader, "unreadable", ()))
+        new = boxes[len(self.unreadable):]
+        if not new:
+            return
+        for x, y, w, h in new[:5]:
+            self.echo(f"warning: {self.job.slide.name}: unreadable region at level 0 x={x} y={y} {w}x{h} px after a "
+                      "retry; filled white, recorded, and the rest of the slide goes on")
+        if len(new) > 5:
+            self.echo(f"warning: {self.job.slide.name}: {len(new) - 5} more unreadable regions (see the metadata)")
+        self.unreadable = boxes
+        self.store.set_metadata({UNREADABLE: boxes})
 
     # ---- stage 5: finish the outputs
     def finish(self, reader, grid: GridReader, plan: SlidePlan, todo: list[Chunk], windows_run: int) -> WSIResult:
@@ -286,7 +325,8 @@ class SlideRun:
         the completion marker last."""
         stem, timings, heads, paths = self.job.stem, self.timings, self.heads, self.paths
         t_loop = time.perf_counter()
-        summary = finish_slide(self.store, self.config, reader, plan, paths, self.opts.centroids_only, heads)
+        summary = finish_slide(self.store, self.config, reader, plan, paths, self.opts.centroids_only, heads,
+                               self.record_unreadable)
         timings["outputs"] = time.perf_counter() - t_loop
         timings["read"] += grid.read_seconds
         timings["total"] = time.perf_counter() - self.t_start
@@ -329,7 +369,7 @@ class SlideRun:
                 "chunk_size": plan.chunk_px, "margin_um": opts.margin_um, "margin_px": plan.margin_px,
                 "chunks": {"total": len(plan.chunks), "with_tissue": len(plan.tissue),
                            "done_before": len(self.done_before), "done_now": len(todo)},
-                "windows": windows, "dropped_large_objects": totals["dropped"],
+                "windows": windows, "dropped_large_objects": totals["dropped"], UNREADABLE: self.unreadable,
                 "tissue_mask": {"source": str(self.mask) if self.mask is not None else "computed",
                                 "mpp": plan.mask_mpp},
                 "counts": summary["counts"], "software": software_versions(),
@@ -352,11 +392,12 @@ class SlideRun:
 
 # ---- stage 5: finish -------------------------------------------------------------------------------------
 def finish_slide(store, config, reader, plan: SlidePlan, paths: dict[str, Path], centroids_only: bool,
-                 heads: tuple[str, ...] | None = None) -> dict:
+                 heads: tuple[str, ...] | None = None, record_unreadable=None) -> dict:
     """Once every chunk is in: add the tissue-class regions (once; the store is marked complete in the same
     transaction), then write the GeoJSON, HoVer-Net JSON, summary, tissue-class PNG and thumbnail from the store
     (:func:`~cerberus_histo.outputs.writers.write_slide_outputs`); returns the summary. Without a trusted tissue head
-    (``heads``, default every head of ``config``) there are no tissue regions and no tissue-class map."""
+    (``heads``, default every head of ``config``) there are no tissue regions and no tissue-class map. The
+    summary's ``unreadable_regions`` are the store's (``record_unreadable()`` first adds those the thumbnail met)."""
     from ..outputs.records import annotation_records, clip_records
     from ..outputs.writers import write_slide_outputs
     from ..postproc import TaskResult
@@ -380,11 +421,13 @@ def finish_slide(store, config, reader, plan: SlidePlan, paths: dict[str, Path],
     ideal = max(plan.slide_mpp, max(plan.dimensions) * plan.slide_mpp / 2048)  # <= 2048 px per side
     levels = [m for m in reader.level_mpps if m >= ideal * 0.99]
     thumb = reader.thumbnail(min(levels) if levels else ideal)  # a pyramid level when one is that coarse
+    if record_unreadable is not None:
+        record_unreadable()
     return write_slide_outputs(store, config, paths, mpp=plan.slide_mpp, class_map=class_map, cell=cell_l0,
                                analysed_area_um2=float(plan.mask.sum()) * plan.mask_mpp ** 2, thumbnail=thumb,
                                thumbnail_scale=thumb.shape[1] / plan.dimensions[0], centroids_only=centroids_only,
-                               heads=heads)
+                               heads=heads, unreadable=store.metadata.get(UNREADABLE, []))
 
 
-__all__ = ["RUN_KEY", "TIMING_KEYS", "SlideRun", "WSIResult", "finish_slide", "output_paths", "recorded_timings",
+__all__ = ["RUN_KEY", "TIMING_KEYS", "UNREADABLE", "SlideRun", "WSIResult", "finish_slide", "output_paths", "recorded_timings",
            "software_versions"]

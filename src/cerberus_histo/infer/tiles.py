@@ -12,8 +12,9 @@ counts, timings, and the settings that made it, :func:`~.pool.run_key`) is writt
 that have one made with the same settings and redoes the others, saying so. With ``mask`` (one mask image for
 every tile, or a folder of masks named after the tiles, :func:`tile_mask`) every record is clipped to the tile's
 mask by the rule slides use (:func:`~cerberus_histo.outputs.records.clip_records`), and the mask's content hash is
-one of the settings. An unreadable image is reported on one line and the others are still done. This module imports torch only inside the functions that run the network, so
-the workers stay light.
+one of the settings. An unreadable image is reported on one line and the others are still done; a write that finds
+no room stops the run with one line (:class:`~cerberus_histo.io.files.NoSpaceError`), and the same command resumes.
+This module imports torch only inside the functions that run the network, so the workers stay light.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CerberusError
+from ..io.files import no_space_error
+from ..io.locks import ResultLock, held_by
 from ..io.readers import IMAGE_SUFFIXES, ArrayReader, check_mpp, read_image
 from ..postproc import GlandParams, NucleiParams, TaskResult, postprocess
 from .options import RunOptions
@@ -255,7 +258,9 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
     one-line :class:`CerberusError` before any work, and before ``output`` is created. An image whose marker was
     made with other settings (:func:`~.pool.run_key`: the model's weights and config, the images' mpp, the window,
     ``tta``, the precision used, ``centroids_only``, the trusted heads, the mask's content) is done again, with one line for all such
-    images."""
+    images. Each image is predicted and written holding its lock (:class:`~cerberus_histo.io.locks.ResultLock`,
+    released once its marker is written): an image another run on ``output`` holds is done last, waited for, and
+    skipped if that run finished it."""
     if options is not None and settings:
         raise TypeError(f"pass settings in options or as keywords, not both: {', '.join(settings)}")
     opts = (options if options is not None else RunOptions.from_settings(**settings)).check_for("tiles")
@@ -303,7 +308,14 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
 
     bar = progress_bar(total=len(todo), unit="image", desc="infer-tile", progress=opts.progress)
 
+    locks: dict[str, ResultLock] = {}  # image name -> its lock, held from its prediction until its marker is written
+
+    def unlock(name: str) -> None:
+        if (lock := locks.pop(name, None)) is not None:
+            lock.release()
+
     def failed(name: str, reason: str, line: str | None = None) -> None:
+        unlock(name)
         summary.failed[name] = reason
         echo(f"failed: {line or f'{name}: {reason}'}")
         bar.update()
@@ -311,7 +323,10 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
     def collect(name: str, result: Future) -> None:
         try:
             marker = result.result()
+            unlock(name)
         except Exception as exc:  # one image's post-processing or writing failed: report it, go on
+            if (full := no_space_error(exc, default=output)) is not None:
+                raise full from None  # unless the disk is full: every other image would fail the same way
             failed(name, one_line(exc))
         else:
             summary.done.append(name)
@@ -320,7 +335,13 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
 
     try:
         with WorkerPool(runtime.postproc_workers, collect) as pool:
-            for path in todo:
+            queue, later = list(todo), set()
+            for path in queue:  # an image another run on this folder holds goes once to the end, then is waited for
+                if path not in later and (holder := held_by(output, stems[path])) is not None:
+                    echo(f"{path.name} is held by another run ({holder}); doing the others first")
+                    later.add(path)
+                    queue.append(path)
+                    continue
                 t0 = time.perf_counter()
                 try:
                     with warnings.catch_warnings(record=True) as caught:
@@ -332,6 +353,17 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
                 for w in caught:
                     echo(f"warning: {w.message}")
                 t_read = time.perf_counter() - t0
+                lock = locks[path.name] = ResultLock(output, stems[path])
+                lock.acquire(on_wait=lambda holder, name=path.name: echo(
+                    f"{name} is being processed by another run ({holder}); waiting"))
+                if lock.took_over is not None:
+                    echo(f"took over {path.name} from a run that ended ({lock.took_over})")
+                if is_finished(output, stems[path], opts.formats, keys[path]):  # that run finished it meanwhile
+                    unlock(path.name)
+                    echo(f"{path.name}: finished by another run; skipped")
+                    summary.skipped.append(path.name)
+                    bar.update()
+                    continue
                 try:
                     pred, rgb, image_mpp, scale = predict_probs(predictor, image, opts.mpp, path.name)
                     mask_file = tile_mask(opts.mask, path, stems[path])
@@ -348,6 +380,8 @@ def infer_tiles(model_dir: Path, input_path: Path, output: Path, options: RunOpt
                 del job, pred  # a worker has its copy: bound the probability maps held here
             pool.drain()
     finally:
+        for name in list(locks):
+            unlock(name)
         bar.close()
     return summary
 

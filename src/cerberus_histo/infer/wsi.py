@@ -31,9 +31,10 @@ import numpy as np
 
 from ..errors import CerberusError
 from ..io.grid import GridReader
+from ..io.locks import ResultLock
 from .chunks import plan_chunks
 from .options import RunOptions
-from .pool import weights_id
+from .pool import read_marker, weights_id
 from .slide_plan import (
     DEFAULT_CHUNK,
     FINISHED,
@@ -67,7 +68,9 @@ def predict_slide(predictor, config, slide: SlideJob | str | Path, output: str |
     A slide whose completion marker records this run's settings (:func:`~.slide_plan.slide_key`) is skipped at once
     (``skipped``); one finished with other settings, or by an earlier version that recorded none, is done again,
     with one line naming what changed (unless the job's ``redo_line`` is False). Its marker goes first, and each of
-    its files is replaced as this run writes it.
+    its files is replaced as this run writes it. Everything after that first check is done holding the slide's lock
+    (:class:`~cerberus_histo.io.locks.ResultLock`): a slide another run on the same output folder holds is waited
+    for, with one line, and skipped if that run finished it; one a killed run held is taken over and resumed.
 
     Args:
         predictor: a :class:`~.engine.Predictor` whose geometry has ``fit=False`` and an output side that is a
@@ -93,9 +96,16 @@ def predict_slide(predictor, config, slide: SlideJob | str | Path, output: str |
     run = SlideRun(predictor, config, job, output, opts)
     if (finished := run.finished()) is not None:  # finished before with these settings
         return finished
-    reader = open_slide(job.slide, opts.mpp)
+    reader = open_slide(job.slide, opts.mpp, "raise" if opts.strict else "record")
     grid = GridReader(reader, predictor.mpp, threads=job.read_threads)
+    lock = ResultLock(run.output, job.stem)  # another run on this output folder may be on this slide
     try:
+        lock.acquire(on_wait=lambda holder: run.echo(f"{job.slide.name} is being processed by another run "
+                                                     f"({holder}); waiting"))
+        if lock.took_over is not None:
+            run.echo(f"took over {job.slide.name} from a run that ended ({lock.took_over})")
+        if redo_reasons(read_marker(run.output, job.stem), run.key) == []:  # that run finished it meanwhile
+            return run.finished()
         plan = run.plan(reader)  # 1. plan chunks
         todo = run.open_store(plan)  # the chunks the partial store does not hold yet
         windows = run.predict_chunks(grid, plan, todo)  # 2-4. predict a chunk, own at the seams, commit to the store
@@ -104,6 +114,7 @@ def predict_slide(predictor, config, slide: SlideJob | str | Path, output: str |
         run.close()
         grid.close()
         reader.close()
+        lock.release()
 
 
 # ---- a model ---------------------------------------------------------------------------------------------

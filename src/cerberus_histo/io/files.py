@@ -1,8 +1,9 @@
 """Small file helpers shared across the package: atomic writes, strict JSON, the one PNG encoder, and YAML mappings
-with one-line errors."""
+with one-line errors; a write that fails for want of space (:func:`no_space_error`) is one line too."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -14,16 +15,89 @@ import yaml
 
 from ..errors import CerberusError
 
+# ---- a disk that is full --------------------------------------------------------------------------------
+#: the errors of a write that found no room: the device is full, a quota is used up, a file-size limit was reached
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+#: SQLite's names of the same (SQLITE_FULL; a failed write(2), as an ``EFBIG``/``EDQUOT`` is reported)
+_SQLITE_NO_SPACE = frozenset({"SQLITE_FULL", "SQLITE_IOERR_WRITE"})
+#: what ``torch.save`` says when its file stream fails (it keeps no errno)
+_TORCH_WRITE_FAILED = ("unexpected pos", "failed writing file", "file write failed")
+
+
+class NoSpaceError(CerberusError):
+    """A write failed because the device (or a quota) is full or a file-size limit was reached. Nothing that looks
+    finished was left: the command stops (it does not go on to fail every other slide or image), and the same
+    command run again once there is room resumes. ``path``: the file it names."""
+
+    path: str | Path | None = None
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is a write that found no room: an ``OSError`` with errno
+    ``ENOSPC``, ``EFBIG`` or ``EDQUOT``, SQLite's "database or disk is full" or failed write, or the
+    ``RuntimeError`` of ``torch.save`` whose file stream failed."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, NoSpaceError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            return True
+        if getattr(exc, "sqlite_errorname", None) in _SQLITE_NO_SPACE or str(exc) == "database or disk is full":
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_FAILED):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+_RESUMES = "run the same command again: it resumes"
+
+
+def _named_file(exc: BaseException | None) -> str | Path | None:
+    """The file the first error of ``exc``'s chain that names one names (a :class:`NoSpaceError`'s ``path``, an
+    ``OSError``'s ``filename``): a failure while handling the first may name none."""
+    for _ in range(8):
+        if exc is None:
+            return None
+        where = getattr(exc, "path", None) if isinstance(exc, NoSpaceError) else getattr(exc, "filename", None)
+        if where:
+            return where
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def no_space_error(exc: BaseException, path: str | Path | None = None, then: str = _RESUMES,
+                   default: str | Path | None = None) -> NoSpaceError | None:
+    """The one-line error of a write that found no room (:func:`is_no_space`), else None: it names the file
+    (``path``, the one the code was writing; else the one a :class:`NoSpaceError` or ``OSError`` of the chain
+    names; else ``default``, such as the output folder) and what to do (free space, then ``then``). A
+    :class:`NoSpaceError` that already says so is returned as it is."""
+    if not is_no_space(exc):
+        return None
+    where = path if path is not None else _named_file(exc) or default
+    if isinstance(exc, NoSpaceError) and (where is None or str(where) == str(getattr(exc, "path", None))) \
+            and then == _RESUMES:
+        return exc
+    err = NoSpaceError(f"cannot write {where or 'a file'}: no space left on the device (or a file-size limit "
+                       f"reached); free space, then {then}")
+    err.path = where
+    return err
+
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place, so no
-    half-written file is ever visible under ``path``."""
+    half-written file is ever visible under ``path`` (the temporary file is removed when writing fails). A write
+    that finds no room is a one-line :class:`NoSpaceError` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        if (err := no_space_error(exc, path)) is not None:
+            raise err from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

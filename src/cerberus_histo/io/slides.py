@@ -5,11 +5,17 @@ pure-Python fallback for TIFF-based slides OpenSlide does not open), and plain i
 TIFF) read whole into an :class:`~.readers.ArrayReader`. The slide's mpp comes from its metadata (OpenSlide's
 ``openslide.mpp-x``, tiffslide's ``tiffslide.mpp-x``, TIFF resolution tags) unless ``mpp=`` overrides it; a
 slide without one is a one-line error asking for ``--mpp``, never a guess.
+
+Scanners write slides with damaged tiles. A read that fails is retried once on a freshly opened file (OpenSlide
+refuses every read of a handle after one error); when it fails again, the reader raises (``unreadable="raise"``,
+the default) or, with ``unreadable="record"``, reads the region file tile by file tile, fills the tiles that stay
+unreadable with white and records their level-0 boxes in ``reader.unreadable`` (what a slide run reports).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +28,8 @@ from .readers import IMAGE_SUFFIXES, ArrayReader, Reader, check_mpp, read_image
 
 MPP_RANGE = (0.01, 50.0)  # plausible microscope resolutions; 72-dpi defaults (353 um/px) fall outside
 TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+UNREADABLE_MODES = ("raise", "record")
+FILE_TILE = 256  # the tile side assumed for a level whose metadata gives none (salvaging a failed read)
 
 
 class MppError(CerberusError):
@@ -62,26 +70,29 @@ class SlideReader(Reader):
     """A pyramidal slide read through OpenSlide or tiffslide; see :class:`~.readers.Reader` for ``read_region``.
 
     ``level_mpps`` lists each level's mpp, ``properties`` the slide's metadata (string values), ``backend`` is
-    ``"openslide"`` or ``"tiffslide"``. Readers pickle by path (they reopen the file), so they can go to workers.
+    ``"openslide"`` or ``"tiffslide"``. ``unreadable``: what a read that fails twice does (see the module
+    docstring): ``"raise"`` a one-line error, or ``"record"`` its file tiles that stay unreadable, white, in
+    ``self.unreadable`` (level-0 boxes ``(x, y, w, h)``, in the order met). Readers pickle by path (they reopen
+    the file), so they can go to workers.
     """
 
-    def __init__(self, path: str | Path, mpp: float | None = None, backend: str = "openslide"):
+    def __init__(self, path: str | Path, mpp: float | None = None, backend: str = "openslide",
+                 unreadable: str = "raise"):
         self.path = Path(path)
         self.name = self.path.name
         self.backend = backend
         self._mpp_override = mpp
         if backend not in ("openslide", "tiffslide"):
             raise ValueError(f"unknown slide backend {backend!r}; use 'openslide' or 'tiffslide'")
+        if unreadable not in UNREADABLE_MODES:
+            raise ValueError(f"unreadable must be one of {UNREADABLE_MODES}, got {unreadable!r}")
+        self.on_unreadable = unreadable
+        self.unreadable: list[tuple[int, int, int, int]] = []
+        self._recovering = threading.Lock()  # after a failed read, reads go one at a time (see _read_level)
+        self._serial = False
+        self._slide = None
         try:
-            if backend == "openslide":
-                import openslide
-
-                self._slide = openslide.OpenSlide(str(self.path))
-            else:
-                import tiffslide
-
-                with _quiet_tifffile():
-                    self._slide = tiffslide.TiffSlide(str(self.path))
+            self._slide = self._open()
         except Exception as exc:  # whatever the backend raises, the file is at fault
             raise CerberusError(f"{self.path}: cannot open this slide ({_first_line(exc)}); it may be truncated or "
                                 "corrupt, copy it again") from None
@@ -95,29 +106,106 @@ class SlideReader(Reader):
             self.close()
             raise
 
+    def _open(self):
+        """A new handle on the file."""
+        if self.backend == "openslide":
+            import openslide
+
+            return openslide.OpenSlide(str(self.path))
+        import tiffslide
+
+        with _quiet_tifffile():
+            return tiffslide.TiffSlide(str(self.path))
+
     @property
     def properties(self) -> dict[str, str]:
         return {str(k): str(v) for k, v in self._slide.properties.items() if v is not None}
 
-    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def _decode(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The backend's read of ``(x, y, w, h)`` in ``level``'s pixels, as RGB; raises what the backend raises."""
+        slide = self._slide  # this call keeps its handle alive even if another thread replaces it
         d = self.level_downsamples[level]
         location = (round(x * d), round(y * d))
+        if self.backend == "tiffslide":
+            return _rgba_to_rgb(np.asarray(slide.read_region(location, level, (w, h), as_array=True)))
+        return _rgba_to_rgb(np.asarray(slide.read_region(location, level, (w, h))))
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if not self._serial:
+            try:
+                return self._decode(level, x, y, w, h)
+            except Exception:  # retried below on a new handle: OpenSlide refuses every read of one that failed
+                pass
+        # one read at a time from the first failure on: reads in parallel on one handle would fail with another
+        # region's error, and a read must never meet a handle being replaced
+        with self._recovering:
+            self._serial = True
+            try:
+                return self._decode(level, x, y, w, h)
+            except Exception:
+                self._reopen()
+            try:  # the retry
+                return self._decode(level, x, y, w, h)
+            except Exception as exc:
+                self._reopen()
+                if self.on_unreadable == "raise":
+                    raise CerberusError(f"{self.path}: cannot read level {level} at ({x}, {y}) "
+                                        f"({_first_line(exc)}); the slide may be truncated or corrupt, copy it "
+                                        "again") from None
+            return self._salvage(level, x, y, w, h)
+
+    def _reopen(self) -> None:
+        """Replace the handle with a new one (the old one closes when no read uses it any more)."""
         try:
-            if self.backend == "tiffslide":
-                region = np.asarray(self._slide.read_region(location, level, (w, h), as_array=True))
-            else:
-                region = np.asarray(self._slide.read_region(location, level, (w, h)))
-        except Exception as exc:  # decoder errors surface here for truncated files
-            raise CerberusError(f"{self.path}: cannot read level {level} at ({x}, {y}) ({_first_line(exc)}); the "
-                                "slide may be truncated or corrupt, copy it again") from None
-        return _rgba_to_rgb(region)
+            self._slide = self._open()
+        except Exception as exc:
+            raise CerberusError(f"{self.path}: cannot open this slide again after a read failed "
+                                f"({_first_line(exc)}); is the file still there?") from None
+
+    def _salvage(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The region read one file tile at a time (each tried twice): the tiles that stay unreadable are white
+        and their level-0 boxes are added to :attr:`unreadable`."""
+        out = np.full((h, w, 3), 255, np.uint8)
+        tw, th = self._tile_size(level)
+        lw, lh = self.level_dimensions[level]
+        d = self.level_downsamples[level]
+        for ty in range(y // th * th, y + h, th):  # the box lies inside the level
+            for tx in range(x // tw * tw, x + w, tw):
+                x0, y0, x1, y1 = max(x, tx), max(y, ty), min(x + w, tx + tw, lw), min(y + h, ty + th, lh)
+                for _attempt in (0, 1):
+                    try:
+                        out[y0 - y:y1 - y, x0 - x:x1 - x] = self._decode(level, x0, y0, x1 - x0, y1 - y0)
+                        break
+                    except Exception:
+                        self._reopen()
+                else:
+                    box = (round(tx * d), round(ty * d), round(min(tw, lw - tx) * d), round(min(th, lh - ty) * d))
+                    if box not in self.unreadable:
+                        self.unreadable.append(box)
+        return out
+
+    def _tile_size(self, level: int) -> tuple[int, int]:
+        """The file's tile size at ``level`` from the metadata (``FILE_TILE`` where it gives none)."""
+        props = self._slide.properties
+        out = []
+        for axis in ("width", "height"):
+            try:
+                out.append(max(1, int(props.get(f"{self.backend}.level[{level}].tile-{axis}"))))
+            except (TypeError, ValueError):
+                out.append(FILE_TILE)
+        return out[0], out[1]
 
     def _probe(self) -> None:
         """Decode one pixel at both ends of level 0 and of the coarsest level, so a truncated file fails now."""
         for level in (0, len(self.level_dimensions) - 1):
             lw, lh = self.level_dimensions[level]
-            self._read_level(level, 0, 0, 1, 1)
-            self._read_level(level, lw - 1, lh - 1, 1, 1)
+            for x, y in ((0, 0), (lw - 1, lh - 1)):
+                try:
+                    self._decode(level, x, y, 1, 1)
+                except Exception as exc:
+                    raise CerberusError(f"{self.path}: cannot read level {level} at ({x}, {y}) "
+                                        f"({_first_line(exc)}); the slide may be truncated or corrupt, copy it "
+                                        "again") from None
 
     def close(self) -> None:
         slide = getattr(self, "_slide", None)
@@ -126,10 +214,11 @@ class SlideReader(Reader):
             self._slide = None
 
     def __getstate__(self) -> dict:
-        return {"path": str(self.path), "mpp": self._mpp_override, "backend": self.backend}
+        return {"path": str(self.path), "mpp": self._mpp_override, "backend": self.backend,
+                "unreadable": self.on_unreadable}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["mpp"], state["backend"])
+        self.__init__(state["path"], state["mpp"], state["backend"], state.get("unreadable", "raise"))
 
 
 def _metadata_mpp(path: Path, props: dict[str, str], backend: str) -> float:
@@ -178,8 +267,10 @@ def _tiff_mpp(path: Path) -> list[float]:
         return []
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> Reader:
-    """A :class:`~.readers.Reader` for a slide or image file; ``mpp`` overrides the metadata's level-0 mpp.
+def open_slide(path: str | Path, mpp: float | None = None, unreadable: str = "raise") -> Reader:
+    """A :class:`~.readers.Reader` for a slide or image file; ``mpp`` overrides the metadata's level-0 mpp;
+    ``unreadable`` is what a pyramidal slide's damaged tiles do (:class:`SlideReader`; a plain image is read whole
+    when opened).
 
     Raises a one-line :class:`CerberusError` for a missing, empty, non-slide or corrupt file and for a file with
     no mpp in its metadata when ``mpp`` is not given.
@@ -205,7 +296,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Reader:
         fmt = None
     if fmt is not None:
         try:
-            return SlideReader(path, mpp, "openslide")
+            return SlideReader(path, mpp, "openslide", unreadable)
         except MppError:
             raise
         except CerberusError as exc:
@@ -218,7 +309,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Reader:
         if _is_tiled_tiff(path):
             try:
                 with _quiet_tifffile():
-                    return SlideReader(path, mpp, "tiffslide")
+                    return SlideReader(path, mpp, "tiffslide", unreadable)
             except MppError:
                 raise
             except CerberusError as exc:

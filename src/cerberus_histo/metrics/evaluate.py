@@ -183,6 +183,10 @@ def evaluate(task: str, pred_dir: str | Path, true_dir: str | Path, mpp: float |
     (the truth's resolution, for the detection radius) defaults to the truth dataset's, else 0.5."""
     if task not in TASKS:
         raise CerberusError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    if not radius_um > 0:
+        raise CerberusError(f"--radius-um must be > 0 (the centroid pairing radius in microns, e.g. 3), got {radius_um}")
+    if mpp is not None and not mpp > 0:
+        raise CerberusError(f"--mpp must be a positive number of microns per pixel (e.g. 0.5), got {mpp}")
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise CerberusError(f"{pred_dir}: folder not found")

@@ -87,7 +87,8 @@ def _read_weights(path: Path) -> tuple[dict, str]:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
+    # the first sentence: torch's zip reader goes on with advice about its own internals, cut off mid-sentence
+    return (text[0].split(". ")[0] if text else type(exc).__name__)[:160]
 
 
 def _tensor_dict(obj: dict, path: Path) -> dict[str, torch.Tensor]:
@@ -116,6 +117,15 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
 # ---- our model folders ------------------------------------------------------------------------------
 
 
+def save_atomic(path: str | Path, obj) -> None:
+    """``torch.save(obj)`` written atomically (:func:`~cerberus_histo.io.files.atomic_write`): serialised in memory
+    first, so a write that finds no room is a one-line error naming ``path`` (``torch.save`` on a file keeps no
+    errno) and never a truncated file under ``path``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(buf.getbuffer()))
+
+
 def save_model(model: CerberusNet, folder: str | Path) -> Path:
     """Write ``model.yaml`` and ``weights.pt`` into ``folder`` (created if needed), each atomically."""
     folder = Path(folder)
@@ -131,7 +141,7 @@ def save_model(model: CerberusNet, folder: str | Path) -> Path:
     if model.provenance:
         meta["provenance"] = model.provenance
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(folder / WEIGHTS_FILE, lambda p: torch.save(state, p))
+    save_atomic(folder / WEIGHTS_FILE, state)
     atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(yaml.safe_dump(meta, sort_keys=False)))
     return folder
 

@@ -27,6 +27,7 @@ import json
 import sqlite3
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import numpy as np
 import shapely
 
 from ..errors import CerberusError
-from ..io.files import atomic_write, json_text
+from ..io.files import atomic_write, json_text, no_space_error
 from .records import UNTYPED, AnnotationRecords
 
 VERSION = "1.0.1"
@@ -149,7 +150,8 @@ class AnnotationStore:
                     self._set_metadata(metadata)
             self._next_id = int(self._con.execute("SELECT COALESCE(MAX(id), 0) FROM annotations").fetchone()[0]) + 1
         except sqlite3.DatabaseError as exc:
-            raise CerberusError(f"cannot open the annotation store {self.path}: {exc}") from None
+            raise no_space_error(exc, self.path) or CerberusError(
+                f"cannot open the annotation store {self.path}: {exc}") from None
 
     def _set_metadata(self, items: Mapping[str, Any]) -> None:
         self._con.executemany("REPLACE INTO metadata (key, value) VALUES (?, ?)",
@@ -158,8 +160,21 @@ class AnnotationStore:
     # ---- metadata ------------------------------------------------------------------------------------------
     def set_metadata(self, items: Mapping[str, Any]) -> None:
         """Set metadata keys (JSON-encoded values) in one transaction."""
-        with self._con:
+        with self._writing():
             self._set_metadata(items)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One transaction (committed on success, rolled back on error); a disk or file-size limit that is full
+        is a one-line :class:`~cerberus_histo.io.files.NoSpaceError` naming the store (what was committed before
+        stays, for the re-run to resume)."""
+        try:
+            with self._con:
+                yield
+        except sqlite3.Error as exc:
+            if (err := no_space_error(exc, self.path)) is not None:
+                raise err from None
+            raise
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -187,7 +202,7 @@ class AnnotationStore:
                 ann.extend(a)
                 tree.extend(t)
                 next_id += len(rec)
-        with self._con:  # commits on success, rolls back on error
+        with self._writing():  # commits on success, rolls back on error
             self._con.executemany("INSERT INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", ann)
             self._con.executemany("INSERT INTO rtree VALUES (?, ?, ?, ?, ?)", tree)
             if chunk is not None:

@@ -18,7 +18,7 @@ import shapely
 
 from .._version import __version__
 from ..errors import CerberusError
-from ..io.files import atomic_write, json_text, write_png
+from ..io.files import atomic_write, json_text, no_space_error, write_png
 from .geojson import write_geojson, write_hovernet_json
 from .overlay import render_overlay
 from .records import (
@@ -73,6 +73,8 @@ def _file_name(stem: str, fmt: str) -> str:
 
 
 def _cannot_write(folder: Path, exc: OSError) -> CerberusError:
+    if (full := no_space_error(exc, default=folder)) is not None:  # room is made, not another folder chosen
+        return full
     why = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc)).lower()
     return CerberusError(f"cannot write to {folder}: {why}; choose another --output")
 
@@ -181,14 +183,17 @@ def write_outputs(folder: Path, stem: str, results: Mapping, config, *, mpp: flo
 
 def write_slide_outputs(store, config, paths: Mapping[str, Path], *, mpp: float, class_map: np.ndarray | None,
                         cell: float, analysed_area_um2: float, thumbnail: np.ndarray, thumbnail_scale: float,
-                        centroids_only: bool = False, heads: Iterable[str] | None = None) -> dict:
+                        centroids_only: bool = False, heads: Iterable[str] | None = None,
+                        unreadable: Iterable[Iterable[int]] = ()) -> dict:
     """Write a finished slide's files from its store (``store``: an :class:`~.store.AnnotationStore` in level-0
     pixels at ``mpp``), streaming its records: ``paths["geojson"]``, ``paths["hovernet"]``, the summary
     (``paths["summary_json"]``, ``paths["summary_csv"]``), the tissue-class map PNG (``paths["tissue"]``, one
     pixel per ``cell`` level-0 pixels, values = class index) and the overlay on ``thumbnail``
     (``thumbnail_scale`` thumbnail pixels per level-0 pixel) at ``paths["thumbnail"]``. ``heads``: the model's
     trusted heads (None: every head of ``config``): the store holds only their objects (the slide run keeps to
-    them), and without a trusted tissue head no tissue map is written. Returns the summary."""
+    them), and without a trusted tissue head no tissue map is written. ``unreadable``: the level-0 boxes
+    ``(x, y, w, h)`` of the slide that could not be read (the summary's ``unreadable_regions``). Returns the
+    summary."""
     known = known_heads(config, heads)
     tasks = [t for t in INSTANCE_TASKS if f"{t}-inst" in known]
     if "tissue-class" not in known:
@@ -198,6 +203,7 @@ def write_slide_outputs(store, config, paths: Mapping[str, Path], *, mpp: float,
                         mag=round(10.0 / float(mpp), 2))
     summary = summarize(store.records(config), config, analysed_area_um2=analysed_area_um2, class_map=class_map,
                         cell=cell, heads=known)
+    summary["unreadable_regions"] = [[int(v) for v in box] for box in unreadable]
     write_summary(paths["summary_json"], paths["summary_csv"], summary)
     if class_map is not None:
         write_png(paths["tissue"], class_map)

@@ -66,6 +66,9 @@ def resolve_folder(source: Source, config: ModelConfig, work_dir: Path, progress
         raise CerberusError(f"{folder}: no patches.json, so the patches' resolution is unknown; extract them with "
                             f"cerberus extract-patches --mpp {config.mpp:g}, or give the dataset folder")
     for where, meta in metas:
+        if meta.get("complete") is False:  # an extraction that stopped (a full disk): earlier versions wrote no key
+            raise CerberusError(f"{where}: the patch extraction did not finish; run the same cerberus extract-patches "
+                                "command again (it resumes), then train")
         if not same_mpp(meta["mpp"], config.mpp):
             raise CerberusError(f"{where}: patches at {meta['mpp']:g} um/px but the model works at {config.mpp:g}; "
                                 f"re-extract them with --mpp {config.mpp:g}, or give the dataset folder")

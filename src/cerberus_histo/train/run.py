@@ -342,6 +342,7 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
             logger=[CSVLogger(log_dir, name="csv", version=csv_version),
                     TensorBoardLogger(log_dir, name="tensorboard", version="")],
             callbacks=callbacks + [_save_on_sigterm(log_dir / LAST)] + ([_progress_bar()] if bars else []),
+            plugins=[_atomic_checkpoints()],
             val_check_interval=cfg.val_every if validate else None,
             check_val_every_n_epoch=None, limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
             use_distributed_sampler=False, enable_progress_bar=bars, enable_model_summary=False,
@@ -351,7 +352,8 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
             cfg.save(log_dir / "train.yaml")
         t0 = time.perf_counter()
         try:
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+            with _no_space_stops(log_dir):
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
         except SIGTERMException:  # the job is being stopped: _SaveOnSigterm saved where it was
             message = (f"stopped by SIGTERM at step {trainer.global_step}: checkpoint {log_dir / LAST}; run the same "
                        "command with --resume to continue (Python: train(..., resume='last'))")
@@ -367,8 +369,9 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
                "initialisation": origin, "trained_heads": list(trainable or heads), "fold": fold,
                "validation": {k: round(v, 4) for k, v in module.last_validation.items()}}
     if trainer.is_global_zero:
-        _write_models(log_dir, model, cfg, best, summary)
-        write_json(log_dir / "summary.json", summary)  # strict JSON: a NaN metric is null
+        with _no_space_stops(log_dir):
+            _write_models(log_dir, model, cfg, best, summary)
+            write_json(log_dir / "summary.json", summary)  # strict JSON: a NaN metric is null
     return summary if trainer.is_global_zero else None
 
 
@@ -388,6 +391,41 @@ def _save_on_sigterm(path: Path):
                 trainer.save_checkpoint(path, weights_only=False)
 
     return SaveOnSigterm()
+
+
+def _atomic_checkpoints():
+    """Lightning's checkpoint files (``last.ckpt``, the step and best checkpoints) written as the model folders
+    are (:func:`~cerberus_histo.models.checkpoint.save_atomic`): beside their final name, then renamed, so a full
+    disk never leaves one truncated under that name (Lightning's own writer stages them in the system's temporary
+    folder and copies them across when that is another disk), and its error names the checkpoint."""
+    from lightning.pytorch.plugins import TorchCheckpointIO
+
+    from ..models.checkpoint import save_atomic
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            if storage_options is not None:
+                raise TypeError("storage_options are not used by cerberus' checkpoint writer")
+            save_atomic(path, checkpoint)
+
+    return AtomicCheckpointIO()
+
+
+@contextlib.contextmanager
+def _no_space_stops(log_dir: Path):
+    """A write of the run that finds no room (a checkpoint, a log, the model) stops it with one line naming the
+    file and how to go on: ``--resume`` from ``last.ckpt`` when one was saved, else ``--overwrite``."""
+    from ..io.files import no_space_error
+
+    try:
+        yield
+    except Exception as exc:
+        last = log_dir / LAST
+        then = (f"run the same command with --resume (not --overwrite): it continues from {last}" if last.is_file()
+                else "run the same command with --overwrite: no checkpoint was saved yet")
+        if (full := no_space_error(exc, then=then, default=log_dir)) is not None:
+            raise full from None
+        raise
 
 
 def _first_process() -> bool:
