@@ -77,6 +77,9 @@ BENCHES = (
     Bench("train_synthetic", "the six-head model trained on synthetic data for a fixed budget, held-out PQ / F1 / "
           "accuracy and samples per second",
           (), ("--steps", "60", "--tiles", "6", "--per-class", "10"), timeout=3 * 3600),
+    Bench("train_load", "training steps per minute with the default threads alone and beside one busy process "
+          "per core, against torch's default threads, in one run",
+          (), ("--seconds", "20"), timeout=1800),
     Bench("train_real", "a nuclei model trained on 10 real MoNuSeg images at 0.5 um/px for at most 20 CPU minutes "
           "with the cerberus commands, scored on 3 held-out images (PQ, AJI, Dice, F1)",
           (), ("--minutes", "1", "--steps", "40"), timeout=3600,

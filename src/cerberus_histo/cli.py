@@ -274,6 +274,9 @@ def _task_options(f):
 @click.option("--subtype", type=click.Choice(["gland", "nuclei"]), default=None,
               help="Stage 2: train only this task's type head, starting from the --pretrained model folder.")
 @click.option("--max-steps", type=int, default=None, help="Override max_steps of the params.")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per process (default: the usable cores other processes leave free; the settings "
+                   "line says what was chosen and why).")
 @click.option("--precision", type=click.Choice(["32", "bf16-mixed", "16-mixed"]), default=None,
               help="Override precision of the params.")
 @click.option("--accelerator", type=click.Choice(["auto", "cpu", "gpu", "mps"]), default="auto", show_default=True)
@@ -283,7 +286,7 @@ def _task_options(f):
               help="Continue from a checkpoint (default: LOG_DIR/checkpoints/last.ckpt).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the run already in --log-dir (its checkpoints, logs, models and extracted patches).")
-def train_cmd(mix, fold, log_dir, params, pretrained, subtype, max_steps, precision, accelerator, devices,
+def train_cmd(mix, fold, log_dir, params, pretrained, subtype, max_steps, threads, precision, accelerator, devices,
               num_nodes, resume, overwrite, **tasks):
     """Train one multi-task model from separately labelled datasets (see docs/training.md)."""
     from .train.config import TrainConfig
@@ -310,6 +313,8 @@ def train_cmd(mix, fold, log_dir, params, pretrained, subtype, max_steps, precis
         cfg = cfg.replace(max_steps=max_steps)
     if precision is not None:
         cfg = cfg.replace(precision=precision)
+    if threads is not None:
+        cfg = cfg.replace(threads=threads)
     dev = int(devices) if str(devices).isdigit() else devices
     summary = train(sources, log_dir, cfg, fold=fold, mix=mix, pretrained=pretrained, subtype=subtype,
                     accelerator=accelerator, devices=dev, num_nodes=num_nodes, resume=resume, overwrite=overwrite)

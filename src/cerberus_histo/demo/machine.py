@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -85,36 +84,16 @@ def choose_device(device: str) -> tuple[str, str]:
     return str(dev), auto_precision(dev)[0]
 
 
-def _idle_cores(interval: float = 0.5) -> float | None:
-    """Cores left idle by the other processes, measured over ``interval`` seconds (Linux ``/proc/stat``)."""
-
-    def sample():
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
-        v = [int(x) for x in fields]
-        return v[3] + v[4], sum(v)  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(interval)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (os.cpu_count() or 1) * (idle1 - idle0) / max(total1 - total0, 1)
-
-
 def choose_threads(workers: int) -> int | None:
-    """Torch threads for a CPU run: the idle cores less the ``workers`` processes beside the network (data
-    loading, post-processing), at least 1. OpenMP threads that share cores with busy processes spin and wait: on
-    2 cores with two other busy processes, one thread trained 3.5x faster than two. ``None``: leave torch's choice
-    (``OMP_NUM_THREADS`` set, or not measurable here)."""
-    import torch
+    """Torch threads for a CPU run of the demo: the cores :func:`~cerberus_histo.cores.plan_cores` finds free
+    (affinity, CPU quota, other processes' load) less the ``workers`` processes that run beside the network all
+    along (data loading, post-processing), at least 1. OpenMP threads that share cores with busy processes spin and
+    wait: on 2 cores with two other busy processes, one thread trained 3.5x faster than two. ``None``: leave
+    torch's choice (``OMP_NUM_THREADS`` set)."""
+    from ..cores import plan_cores
 
-    if "OMP_NUM_THREADS" in os.environ:
-        return None
-    idle = _idle_cores()
-    if idle is None:
-        return None
-    return max(1, min(torch.get_num_threads(), int(idle + 0.5) - workers))
+    cores = plan_cores(workers=workers)
+    return None if cores.asked is not None else max(1, cores.threads - workers)
 
 
 def machine(device: str) -> dict:

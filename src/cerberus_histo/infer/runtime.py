@@ -11,9 +11,10 @@ machine"):
 * **layout**: channels_last on CPU and CUDA (faster in every precision measured), the default layout on ``mps``.
 * **batch**: 1 on a CPU (a larger batch costs memory and gains nothing there); on a GPU as many windows as fit
   in 60% of its free memory, at most 16.
-* **threads**: torch's own default (one per core), or ``threads``.
-* **post-processing workers**: the cores the device leaves free: on a CPU whose cores all run the network,
-  none (post-processing runs between chunks in the same process); on a GPU all cores but two.
+* **threads** and **post-processing workers**: :func:`~cerberus_histo.cores.plan_cores`, as for training: as many
+  torch threads as the usable cores (affinity, CPU quota) that other processes leave free, or ``threads``; the
+  workers take the usable cores the network leaves: on an idle CPU whose cores all run the network none
+  (post-processing runs between chunks in the same process); on a GPU all cores but two.
 * **memory**: a budget (``memory_gb``; default on a CPU 3 GB or half the available memory if that is less, on a
   GPU machine half the available memory) that the whole process and its workers stay within: the chunk side of a
   slide is the largest that fits (:meth:`Runtime.chunk_for`). A larger budget gives larger chunks, and so fewer
@@ -26,12 +27,12 @@ module's output is counted while it lives, on a small window, and scaled to the 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cores import plan_cores
 from ..errors import CerberusError
 
 GB = 2**30
@@ -62,11 +63,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    """Cores this process may use: its affinity, capped by its control group's CPU quota
+    (:func:`~cerberus_histo.cores.plan_cores`)."""
+    return plan_cores(1, measure_load=False).usable
 
 
 def available_bytes() -> int:
@@ -234,7 +233,7 @@ class Runtime:
                    if self.postproc_workers else "post-processing in this process")
         return (f"device {self.device}{why('device')}, precision {self.precision}{why('precision')}, layout "
                 f"{'channels_last' if self.channels_last else 'contiguous'}, batch {self.batch_size}{why('batch')}, "
-                f"{self.threads} torch thread{'s' * (self.threads != 1)}, {workers}{why('workers')}"
+                f"{self.threads} torch thread{'s' * (self.threads != 1)}{why('threads')}, {workers}{why('workers')}"
                 + (f", memory budget {self.memory_gb:.1f} GB{why('memory')}" if chunks else ""))
 
 
@@ -273,18 +272,17 @@ def plan_runtime(model, window: tuple[int, int] = (1024, 1024), *, device: str =
         warnings.warn(f"--precision fp16 is 3-5x slower than fp32 on a CPU: using {precision} instead "
                       f"({reason.split('; ')[-1]})", stacklevel=2)
     channels_last = dev.type in ("cpu", "cuda")
-    if threads is not None:
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise CerberusError(f"--threads must be a positive integer, got {threads!r}")
-        torch.set_num_threads(threads)
-    n_threads = torch.get_num_threads()
-    cores = cpu_cores()
-    if postproc_workers is None:
-        postproc_workers = max(0, cores - n_threads) if dev.type == "cpu" else max(1, cores - 2)
-        why["workers"] = (f"{cores} cores, the network uses {n_threads}" if dev.type == "cpu" else
-                          f"{cores} cores, 2 kept for feeding the GPU and reading")
-    elif not isinstance(postproc_workers, int) or isinstance(postproc_workers, bool) or postproc_workers < 0:
+    if postproc_workers is not None and (not isinstance(postproc_workers, int) or isinstance(postproc_workers, bool)
+                                         or postproc_workers < 0):
         raise CerberusError(f"--postproc-workers must be 0 or more, got {postproc_workers!r}")
+    cores = plan_cores(threads, gpu=dev.type != "cpu", workers=postproc_workers)
+    torch.set_num_threads(cores.threads)
+    n_threads = cores.threads
+    why["threads"] = cores.why()
+    if postproc_workers is None:
+        postproc_workers = cores.workers
+        why["workers"] = (f"{cores.usable} cores, the network uses {n_threads}" if dev.type == "cpu" else
+                          f"{cores.usable} cores, 2 kept for feeding the GPU and reading")
     avail = available_bytes()
     if memory_gb is None:
         budget = avail // 2 if dev.type == "cuda" else min(int(CPU_BUDGET_GB * GB), avail // 2)

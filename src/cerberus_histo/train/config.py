@@ -97,7 +97,10 @@ class TrainConfig:
         val_fraction: share of each validation dataset used, drawn once with ``seed`` (the original: 1/4).
         val_max_samples: at most this many validation samples per dataset.
         seed: seeds the model initialisation, batch draws and augmentation.
-        num_workers: data-loading processes per device.
+        threads: torch threads per process; None: chosen for the machine as inference chooses them
+            (:func:`~cerberus_histo.cores.plan_cores`: the usable cores other processes leave free).
+        num_workers: data-loading processes per device; None: the usable cores the threads leave (none on an idle
+            CPU whose cores all train; fewer threads and one worker when other processes keep cores busy).
         stain_jitter: add stain (HED) jitter to the colour augmentation.
         class_mosaic: tissue patches are trained as ``n x n`` mosaics (default 3: nine 144-px patches side by
             side, each 16/32-px cell of the mosaic labelled with the class of the patch under its centre), with the
@@ -114,6 +117,8 @@ class TrainConfig:
         sources: written by the run, read by nobody: each data source's folder, heads, the resolution its
             patches reached the model at (``mpp``), the range of its images' own (``dataset_mpp``, [min, max])
             and whether it was validated.
+        machine: written by the run, read by nobody: the device, the torch threads and data workers it used, and
+            why (the cores it saw).
     """
 
     batch_size: int = 12
@@ -129,7 +134,8 @@ class TrainConfig:
     val_fraction: float = 0.25
     val_max_samples: int = 200
     seed: int = 5
-    num_workers: int = 0
+    threads: int | None = None
+    num_workers: int | None = None
     stain_jitter: bool = False
     class_mosaic: int = 3
     bn_calibration_batches: int = 24
@@ -137,12 +143,15 @@ class TrainConfig:
     heads: dict = field(default_factory=dict)
     class_weights: dict = field(default_factory=dict)
     sources: list = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for key, low in (("batch_size", 1), ("max_steps", 1), ("val_every", 1), ("val_max_samples", 1),
-                         ("seed", 0), ("num_workers", 0), ("class_mosaic", 1),
-                           ("bn_calibration_batches", 0)):
+                         ("seed", 0), ("class_mosaic", 1), ("bn_calibration_batches", 0)):
             _number(key, getattr(self, key), low, integer=True)
+        for key, low in (("threads", 1), ("num_workers", 0)):
+            if getattr(self, key) is not None:
+                _number(key, getattr(self, key), low, integer=True)
         if self.class_batch_size is not None:
             _number("class_batch_size", self.class_batch_size, 2, integer=True)
         elif self.batch_size < 2:
@@ -168,7 +177,7 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, cls):
                 object.__setattr__(self, key, from_dict(cls, value, f"params {key}"))
-        for key in ("model", "heads", "class_weights"):
+        for key in ("model", "heads", "class_weights", "machine"):
             if not isinstance(getattr(self, key), dict):
                 raise ConfigError(f"{key} must be a mapping, got {getattr(self, key)!r}")
         if not isinstance(self.sources, (list, tuple)):

@@ -5,7 +5,7 @@ module, loggers and checkpoints, runs :class:`lightning.Trainer` (CPU, GPUs, sev
 precision) and writes the run folder::
 
     LOG_DIR/
-      train.yaml                 # the TrainConfig of the run
+      train.yaml                 # the TrainConfig of the run (with the threads and data workers used: machine)
       checkpoints/               # last.ckpt, the last periodic step checkpoints, best.ckpt (by val/score)
       csv/metrics.csv            # every logged value (CSVLogger)
       tensorboard/               # the same for TensorBoard
@@ -204,6 +204,49 @@ def check_hardware(train_config: TrainConfig, accelerator: str, devices) -> Trai
     return train_config
 
 
+GPU_DATA_WORKERS = 8  # data-loading processes per GPU at most, when chosen
+
+
+def training_device(accelerator: str) -> str:
+    """``cpu``, ``cuda`` or ``mps``: where Lightning trains with ``accelerator`` on this machine (after
+    :func:`check_hardware`)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if accelerator == "cpu" or not (cuda or mps):
+        return "cpu"
+    return "mps" if accelerator == "mps" or not cuda else "cuda"
+
+
+def plan_training_cores(train_config: TrainConfig, accelerator: str, devices) -> tuple[TrainConfig, str]:
+    """This process's torch threads and data workers, chosen as inference chooses them
+    (:func:`~cerberus_histo.cores.plan_cores`: the usable cores, others' load, ``threads``; the processes of a
+    DDP run share the cores; beside a GPU at most :data:`GPU_DATA_WORKERS` data workers) and set in torch. Returns ``train_config`` with the choice recorded
+    in ``machine`` (``train.yaml``) and the settings line that starts the run."""
+    import torch
+
+    from ..cores import plan_cores
+
+    device = training_device(accelerator)
+    processes = devices if isinstance(devices, int) else torch.cuda.device_count() if device == "cuda" else 1
+    cores = plan_cores(train_config.threads, gpu=device != "cpu", workers=train_config.num_workers,
+                       processes=processes, measure_load=_first_process())
+    if train_config.num_workers is None and device != "cpu" and cores.workers > GPU_DATA_WORKERS:
+        cores = dataclasses.replace(cores, workers=GPU_DATA_WORKERS)
+    torch.set_num_threads(cores.threads)
+    if processes > 1:  # DDP starts the other processes with this environment: they take the same threads
+        os.environ["OMP_NUM_THREADS"] = str(cores.threads)
+    why = "num_workers" if train_config.num_workers is not None else (
+        f"{cores.usable} cores, the network uses {cores.threads}" if device == "cpu" else
+        f"{cores.usable} cores, 2 kept for feeding the device")
+    machine = {"device": device, "threads": cores.threads, "data_workers": cores.workers, "cores": cores.why()}
+    line = (f"device {device}, precision {train_config.precision}, {cores.threads} torch "
+            f"thread{'s' * (cores.threads != 1)} ({cores.why()}), {cores.workers} data "
+            f"worker{'s' * (cores.workers != 1)} ({why})" + (f", per process of {processes}" if processes > 1 else ""))
+    return train_config.replace(machine=machine), line
+
+
 class _NoTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡 Tip")
@@ -270,7 +313,9 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
     of the network (batch-norm statistics included) stays as in the ``pretrained`` model folder.
 
     ``accelerator`` and ``devices`` are checked first (:func:`check_hardware`: a GPU that is not here is a one-line
-    error, ``16-mixed`` on a CPU becomes ``bf16-mixed`` or ``32`` with a warning). ``progress``: Lightning's bars,
+    error, ``16-mixed`` on a CPU becomes ``bf16-mixed`` or ``32`` with a warning); once the data are found, the
+    torch threads and data workers are chosen (:func:`plan_training_cores`) and the settings line is printed on
+    stderr, as inference's is. ``progress``: Lightning's bars,
     on stderr and only when it is a terminal; its tips and the deprecation notes of its dependencies are silenced
     (:data:`LIGHTNING_NOISE`). The summary's ``steps`` is the global step at the end (with a resumed run's earlier
     steps; ``resumed_from_step`` says where this run began).
@@ -321,7 +366,10 @@ def train(sources: list[Source], log_dir: str | Path, train_config: TrainConfig 
             record["validated"] = bool(files[1])
             resolved.append((Source(folder, s.heads), *files))
     cfg = cfg.replace(sources=list(records))
-    data = CerberusData(resolved, model.config, cfg, mix=mix)
+    cfg, settings = plan_training_cores(cfg, accelerator, devices)  # the inputs are sound: the run starts
+    if _first_process():
+        print(settings, file=sys.stderr, flush=True)
+    data = CerberusData(resolved, model.config, cfg.replace(num_workers=cfg.machine["data_workers"]), mix=mix)
     module = CerberusModule(model, cfg, trainable)
     validate = bool(data.val_sets)
     callbacks = [ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="step-{step:06d}", monitor="step",
