@@ -71,14 +71,14 @@ def machine(monkeypatch, tmp_path):
 @pytest.mark.parametrize("n, quota, busy, threads, workers, why", [
     (1, None, None, 1, 0, "1 core"),
     (2, None, 0.1, 2, 0, "2 cores"),
-    (2, None, 2.0, 1, 1, "2 cores, 1 busy with other processes"),  # one busy loop per core: one thread
+    (2, None, 2.0, 1, 1, "2 cores, 2 of 2 busy with other processes"),  # one busy loop per core: one thread
     (2, 1.0, None, 1, 0, "1 core, CPU quota 1 (cgroup v2 cpu.max)"),
     (8, None, None, 8, 0, "8 cores"),
     (8, 4.0, None, 4, 0, "4 cores, CPU quota 4 (cgroup v2 cpu.max)"),
-    (8, None, 3.4, 5, 3, "8 cores, 3 busy with other processes"),
+    (8, None, 3.4, 5, 3, "8 cores, 3 of 8 busy with other processes"),
     (64, None, None, 64, 0, "64 cores"),
     (64, 4.0, None, 4, 0, "4 cores, CPU quota 4 (cgroup v2 cpu.max)"),
-    (64, 2.5, 63.0, 1, 1, "2 cores, CPU quota 2.5 (cgroup v2 cpu.max), 1 busy with other processes"),
+    (64, 2.5, 63.0, 1, 1, "2 cores, CPU quota 2.5 (cgroup v2 cpu.max), 63 of 64 busy with other processes"),
 ])
 def test_threads_and_workers_for_the_machine(machine, n, quota, busy, threads, workers, why):
     got = machine(n, quota, busy)

@@ -166,7 +166,7 @@ class Cores:
     asked_by: str = ""
 
     def why(self) -> str:
-        """Why these threads, in a few words: ``2 cores, 1 busy with other processes``."""
+        """Why these threads, in a few words: ``2 cores, 2 of 2 busy with other processes``."""
         if self.asked is not None:
             return self.asked_by
         parts = [f"{self.usable} core{'s' * (self.usable != 1)}"]
@@ -174,9 +174,8 @@ class Cores:
             parts.append(f"affinity {self.affinity} of {self.seen}")
         if self.quota is not None:
             parts.append(f"CPU quota {self.quota:g} ({self.quota_source})")
-        taken = self.usable - self.threads
-        if taken > 0:
-            parts.append(f"{taken} busy with other processes")
+        if self.threads < self.usable and self.busy is not None:
+            parts.append(f"{round(self.busy)} of {self.affinity} busy with other processes")
         return ", ".join(parts)
 
 
