@@ -57,6 +57,19 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+def slide_model(folder: Path, seed: int = 0, heads: str | None = None) -> Path:
+    """The tiny six-head network at 4 um/px (a small synthetic slide is a few windows), random weights with
+    BatchNorm statistics measured on random images (:func:`calibrate`: it finds instances), saved in ``folder``;
+    ``heads``: its trained heads (default: all)."""
+    from cerberus_histo import Cerberus, ModelConfig
+
+    torch.manual_seed(seed)
+    net = calibrate(Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0)))
+    if heads is not None:
+        net.provenance = {"trained_with": "test", "trained_heads": heads}
+    return net.save(folder)
+
+
 def calibrate(net):
     """A random network made usable as a stand-in for a trained one: BatchNorm statistics measured on random images
     (so activations have a realistic scale and it finds instances); returned in eval mode."""

@@ -13,10 +13,9 @@ import cv2
 import numpy as np
 import pytest
 import shapely
-import torch
-from conftest import REPO, calibrate
+from conftest import REPO, slide_model
 
-from cerberus_histo import Cerberus, ModelConfig
+from cerberus_histo import Cerberus
 from cerberus_histo.data.slide import write_synthetic_slide
 from cerberus_histo.infer.tiles import infer_tiles
 from cerberus_histo.io.readers import ArrayReader
@@ -33,10 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    calibrate(net)
-    return net.eval().save(tmp_path_factory.mktemp("model") / "tiny")
+    return slide_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from conftest import calibrate
+from conftest import slide_model
 from test_wsi import SMALL, WINDOW, store_rows
 
-from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.slide import write_synthetic_slide
 from cerberus_histo.infer.cohort import infer_wsi
 
@@ -115,9 +113,7 @@ def _wait(probe, seconds: float, proc: subprocess.Popen):
 def cohort(tmp_path_factory) -> tuple[Path, list[Path], Path]:
     """(model folder, three slides of 3 x 3 chunks, an undisturbed in-process run's output folder)."""
     root = tmp_path_factory.mktemp("cohort").resolve()
-    torch.manual_seed(0)
-    net = calibrate(Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0)))
-    model = net.save(root / "model")
+    model = slide_model(root / "model")
     slides = [write_synthetic_slide(root / f"s{i}.tif", 3000, 2400, seed=31 + i, **SMALL) for i in range(3)]
     s = _reference_run((model, slides, None), root / "reference")
     assert [r.status for r in s.rows] == ["done"] * 3

@@ -17,10 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-from conftest import calibrate
+from conftest import slide_model
 
-from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.slide import write_synthetic_slide
 from cerberus_histo.io.locks import LOCK_DIR, ResultLock, _lock, held_by, lock_path
 
@@ -120,10 +118,7 @@ def test_a_released_lock_is_never_held_twice(tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """The tiny six-head network at 4 um/px (tests/test_wsi.py's), BatchNorm statistics from random images."""
-    torch.manual_seed(0)
-    net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    calibrate(net)
-    return net.eval().save(tmp_path_factory.mktemp("model") / "tiny")
+    return slide_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

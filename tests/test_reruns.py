@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_clean_error, calibrate, run_cli
+from conftest import assert_clean_error, run_cli, slide_model
 
 from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.patches import extract_patches
@@ -131,22 +131,13 @@ WINDOW = ("--input-shape", "192", "--output-shape", "128")
 SLIDE_RUN = dict(input_shape=192, output_shape=128, chunk_size=256, postproc_workers=0, progress=False)
 
 
-def _slide_model(folder, seed: int, heads: str | None = None):
-    """The tiny six-head network at 4 um/px (a small slide is a few windows), random weights with measured
-    BatchNorm statistics (so it finds nuclei); ``heads``: its trained heads (default: all)."""
-    torch.manual_seed(seed)
-    net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    calibrate(net)
-    if heads is not None:
-        net.provenance = {"trained_with": "test", "trained_heads": heads}
-    return net.eval().save(folder)
 
 
 @pytest.fixture(scope="module")
 def slide_models(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("slide-models")
-    return {"a": _slide_model(root / "a", 0), "b": _slide_model(root / "b", 1),
-            "a-nuclei": _slide_model(root / "a-nuclei", 0, "nuclei-inst")}  # a's weights, one trusted head
+    return {"a": slide_model(root / "a", 0), "b": slide_model(root / "b", 1),
+            "a-nuclei": slide_model(root / "a-nuclei", 0, "nuclei-inst")}  # a's weights, one trusted head
 
 
 @pytest.fixture(scope="module")

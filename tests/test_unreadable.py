@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import shapely
 import tifffile
-import torch
-from conftest import calibrate, run_cli
+from conftest import run_cli, slide_model
 
-from cerberus_histo import Cerberus, ModelConfig
 from cerberus_histo.data.slide import write_synthetic_slide
 from cerberus_histo.errors import CerberusError
 from cerberus_histo.infer.options import RunOptions
@@ -74,10 +72,7 @@ def slides(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    calibrate(net)
-    return net.eval().save(tmp_path_factory.mktemp("model") / "tiny")
+    return slide_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def test_reader_retries_then_records_the_damaged_tiles_only(slides):

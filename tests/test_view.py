@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
-import torch
-from conftest import assert_clean_error, calibrate, run_cli
+from conftest import assert_clean_error, run_cli, slide_model
 from PIL import Image
 
-from cerberus_histo import Cerberus, ModelConfig
+from cerberus_histo import ModelConfig
 from cerberus_histo.data.slide import write_synthetic_slide
 from cerberus_histo.outputs.store import AnnotationStore
 from cerberus_histo.view import make_app
@@ -45,10 +44,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     """A tiny model at 4 um/px, a 2100 x 1600 synthetic slide and its infer-wsi result, and a 400 x 320 PNG tile
     cut from it with its infer-tile result."""
     root = tmp_path_factory.mktemp("view")
-    torch.manual_seed(0)
-    net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    calibrate(net)
-    model = net.eval().save(root / "tiny")
+    model = slide_model(root / "tiny")
     slide = write_synthetic_slide(root / "synth.tif", 2100, 1600, seed=2, field=512, offset=128, n_fields=3,
                                   tile=256, progress=False)
     proc = run_cli("infer-wsi", "--model", model, "--input", slide, "--output", root / "wsi", *WINDOW,

@@ -28,8 +28,7 @@ import cv2
 import numpy as np
 import pytest
 import shapely
-import torch
-from conftest import REPO, calibrate, run_cli
+from conftest import REPO, run_cli, slide_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -62,14 +61,10 @@ def results(tmp_path_factory) -> Path:
         pytest.skip(reason)
     if given := os.environ.get("CERBERUS_VIEW_RESULTS"):
         return Path(given)
-    from cerberus_histo import Cerberus, ModelConfig
     from cerberus_histo.data.slide import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("view")
-    torch.manual_seed(0)
-    net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    calibrate(net)
-    model = net.eval().save(root / "tiny")
+    model = slide_model(root / "tiny")
     for name, w, h, seed in (("a", 2100, 1600, 2), ("b", 1400, 1100, 10)):
         write_synthetic_slide(root / f"{name}.tif", w, h, seed=seed, field=512, offset=128, n_fields=2, tile=256,
                               progress=False)

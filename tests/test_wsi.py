@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import shapely
 import tifffile
-import torch
-from conftest import REPO, assert_clean_error, calibrate, run_cli
+from conftest import REPO, assert_clean_error, run_cli, slide_model
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
@@ -167,10 +166,7 @@ def oracle_run(synth, tmp_path_factory) -> tuple[Oracle, WSIResult]:
 def model_dir(tmp_path_factory) -> Path:
     """The tiny six-head network at 4 um/px (small slides are a few windows), random weights with BatchNorm
     statistics measured on random images, so it finds instances."""
-    torch.manual_seed(0)
-    net = Cerberus(ModelConfig.preset("original", encoder="tiny", head_channels=8, mpp=4.0))
-    calibrate(net)
-    return net.eval().save(tmp_path_factory.mktemp("model") / "tiny")
+    return slide_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 WINDOW = ("--input-shape", "192", "--output-shape", "128")
