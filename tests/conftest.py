@@ -13,6 +13,10 @@ SHARED = REPO.parent / "shared"
 REAL_DATA = SHARED / "data" / "real"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the same for the CLI runs the tests start: a run's threads and workers then do not depend on the machine's load
+# at that moment (cores.plan_cores takes OMP_NUM_THREADS as given), so a test does the same work on an idle and a
+# busy machine; tests/test_cores.py removes it where it tests the choice itself
+os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
