@@ -99,8 +99,9 @@ class TrainConfig:
         seed: seeds the model initialisation, batch draws and augmentation.
         threads: torch threads per process; None: chosen for the machine as inference chooses them
             (:func:`~cerberus_histo.cores.plan_cores`: the usable cores other processes leave free).
-        num_workers: data-loading processes per device; None: the usable cores the threads leave (none on an idle
-            CPU whose cores all train; fewer threads and one worker when other processes keep cores busy).
+        num_workers: data-loading processes per device; None: the usable cores the chosen threads leave (none on an
+            idle CPU whose cores all train; fewer threads and one worker when other processes keep cores busy;
+            none when ``threads`` or ``OMP_NUM_THREADS`` gives the threads); beside a GPU all but two, at most 8.
         stain_jitter: add stain (HED) jitter to the colour augmentation.
         class_mosaic: tissue patches are trained as ``n x n`` mosaics (default 3: nine 144-px patches side by
             side, each 16/32-px cell of the mosaic labelled with the class of the patch under its centre), with the

@@ -222,7 +222,9 @@ def training_device(accelerator: str) -> str:
 def plan_training_cores(train_config: TrainConfig, accelerator: str, devices) -> tuple[TrainConfig, str]:
     """This process's torch threads and data workers, chosen as inference chooses them
     (:func:`~cerberus_histo.cores.plan_cores`: the usable cores, others' load, ``threads``; the processes of a
-    DDP run share the cores; beside a GPU at most :data:`GPU_DATA_WORKERS` data workers) and set in torch. Returns ``train_config`` with the choice recorded
+    DDP run share the cores) and set in torch. Data workers, unless ``num_workers`` is given: beside a GPU the
+    usable cores but two, at most :data:`GPU_DATA_WORKERS`; on a CPU the usable cores the chosen threads leave,
+    none when the threads are given (``threads``, ``OMP_NUM_THREADS``) or DDP's processes share the CPU. Returns ``train_config`` with the choice recorded
     in ``machine`` (``train.yaml``) and the settings line that starts the run."""
     import torch
 
@@ -232,14 +234,18 @@ def plan_training_cores(train_config: TrainConfig, accelerator: str, devices) ->
     processes = devices if isinstance(devices, int) else torch.cuda.device_count() if device == "cuda" else 1
     cores = plan_cores(train_config.threads, gpu=device != "cpu", workers=train_config.num_workers,
                        processes=processes, measure_load=_first_process())
-    if train_config.num_workers is None and device != "cpu" and cores.workers > GPU_DATA_WORKERS:
-        cores = dataclasses.replace(cores, workers=GPU_DATA_WORKERS)
+    why = "num_workers"
+    if train_config.num_workers is None:
+        if device != "cpu":
+            workers, why = min(cores.workers, GPU_DATA_WORKERS), f"{cores.usable} cores, 2 kept for feeding the device"
+        elif cores.asked is not None or processes > 1:  # threads given, or DDP's processes share the CPU
+            workers, why = 0, f"{cores.asked_by or 'DDP'}: data loading in the training process"
+        else:
+            workers, why = cores.workers, f"{cores.usable} cores, the network uses {cores.threads}"
+        cores = dataclasses.replace(cores, workers=workers)
     torch.set_num_threads(cores.threads)
-    if processes > 1:  # DDP starts the other processes with this environment: they take the same threads
+    if processes > 1 and device == "cpu":  # DDP starts the other processes with this environment: same threads
         os.environ["OMP_NUM_THREADS"] = str(cores.threads)
-    why = "num_workers" if train_config.num_workers is not None else (
-        f"{cores.usable} cores, the network uses {cores.threads}" if device == "cpu" else
-        f"{cores.usable} cores, 2 kept for feeding the device")
     machine = {"device": device, "threads": cores.threads, "data_workers": cores.workers, "cores": cores.why()}
     line = (f"device {device}, precision {train_config.precision}, {cores.threads} torch "
             f"thread{'s' * (cores.threads != 1)} ({cores.why()}), {cores.workers} data "
